@@ -1,0 +1,108 @@
+"""What a run and its checkpoints are: plain frozen records, shared by every command."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Status(str, Enum):
+    """How sure we are that a checkpoint is whole.
+
+    Only ``COMPLETE`` units are ever counted or deleted by retention; everything else is kept.
+    """
+
+    COMPLETE = "complete"
+    INCOMPLETE = "incomplete"
+    IN_PROGRESS = "in-progress"
+    UNKNOWN = "unknown"
+
+
+class Layout(str, Enum):
+    """The trainer family whose naming and completeness rules a unit follows."""
+
+    HF_TRAINER = "hf-trainer"
+    DEEPSPEED = "deepspeed"
+    DCP = "dcp"
+    LIGHTNING = "lightning"
+    MEGATRON = "megatron"
+    ORBAX = "orbax"
+    OPEN_INSTRUCT = "open-instruct"
+    OLMO_CORE = "olmo-core"
+    NEMO = "nemo"
+    COMPOSER = "composer"
+    PLAIN_FILE = "file"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class UnitFile:
+    """One file of a unit; ``path`` is relative to the run."""
+
+    path: str
+    size: int
+    mtime: float | None
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """A pointer file or link that names a unit (``latest``, a Megatron tracker, ``last.ckpt``...)."""
+
+    name: str
+    """How it shows in ``list``: ``latest``, ``tracker``, ``last.ckpt``, ``best``..."""
+    source: str
+    """The file (relative to the run) that holds the pointer."""
+    target: str
+    """The unit path (relative to the run) it names."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One checkpoint of a run: a folder or a single file."""
+
+    path: str
+    """Relative to the run, '/'-separated."""
+    kind: str
+    """``dir`` or ``file``."""
+    layout: Layout
+    step: int | None
+    epoch: int | None
+    status: Status
+    reason: str
+    files: tuple[UnitFile, ...]
+    total_bytes: int
+    newest_mtime: float | None
+    pointers: tuple[str, ...] = ()
+    metrics: dict[str, float] = field(default_factory=dict)
+    metric_source: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def is_complete(self) -> bool:
+        return self.status is Status.COMPLETE
+
+
+@dataclass(frozen=True)
+class RunScan:
+    """Everything ``list`` knows about a run, from one listing walk and a few small reads."""
+
+    url: str
+    units: tuple[Unit, ...]
+    pointers: tuple[Pointer, ...]
+    warnings: tuple[str, ...]
+    scanned_at: float
+    file_count: int
+
+    def unit(self, path: str) -> Unit | None:
+        return next((u for u in self.units if u.path == path), None)
+
+    def by_step(self, step: int) -> list[Unit]:
+        return [u for u in self.units if u.step == step]
+
+    @property
+    def recognised(self) -> tuple[Unit, ...]:
+        return tuple(u for u in self.units if u.layout is not Layout.UNKNOWN)

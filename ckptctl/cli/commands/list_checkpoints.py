@@ -1,0 +1,93 @@
+"""``ckptctl list RUN``: the checkpoints of a run, with step, status, size, age, metrics and pointers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from ckptctl.cli._options import JsonOpt, QuietOpt, RunArg, SettleOpt, StorageOpt
+
+
+
+def list_checkpoints(
+    run: RunArg,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    sort: Annotated[
+        str, typer.Option("--sort", help="Order by step|size|age|name|status, ascending; add :desc to reverse.")
+    ] = "step",
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Show at most N checkpoints.")] = None,
+    status: Annotated[
+        list[str] | None,
+        typer.Option("--status", help="Only these statuses (complete, incomplete, in-progress, unknown); repeatable or comma-separated."),
+    ] = None,
+    settle: SettleOpt = "10m",
+    storage_option: StorageOpt = None,
+) -> None:
+    """List the checkpoints of a run: step, status, size, age, layout, metrics and pointers.
+
+    A run is a folder of checkpoints written by a trainer (HF Trainer, DeepSpeed, torchtitan/DCP, Lightning,
+    Megatron, Orbax, OLMo-core, NeMo, open-instruct, or plain .pt/.safetensors files). Status tells whether a
+    checkpoint is whole: complete, incomplete (its layout's completion marker is missing, or the file is
+    truncated), in-progress (a temporary name, newer than the run's `latest` pointer, or written less than
+    --settle ago), or unknown. Entries ckptctl does not recognise are listed as unknown and never guessed.
+
+    Examples:
+
+      ckptctl list /data/run42
+
+      ckptctl list s3://bucket/run42 --sort step:desc --limit 5
+
+      ckptctl list gs://bucket/run42 --status incomplete,in-progress --json
+    """
+    from ckptctl.catalog.listing import ListOptions, list_run
+    from ckptctl.cli._output import Output
+
+    out = Output.start("list", json_mode=json_out, quiet=quiet)
+    options = ListOptions.parse(sort=sort, limit=limit, statuses=status or [], settle=settle)
+    listing = list_run(run, options, storage_options=storage_option or [])
+    out.result(listing.to_dict())
+    if not json_out:
+        _render(out, listing)
+
+
+def _render(out: Any, listing: Any) -> None:
+    from rich.table import Table
+
+    from ckptctl.catalog.metrics import format_metric
+    from ckptctl.humanize import format_age, format_bytes
+
+    colours = {"complete": "green", "incomplete": "red", "in-progress": "yellow", "unknown": "magenta"}
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("STEP", "STATUS", "SIZE", "AGE", "LAYOUT", "METRICS", "POINTERS", "PATH", "NOTE"):
+        table.add_column(column, justify="right" if column in ("STEP", "SIZE", "AGE") else "left", overflow="fold")
+    for unit in listing.units:
+        step = str(unit.step) if unit.step is not None else (f"ep{unit.epoch}" if unit.epoch is not None else "-")
+        age = listing.now - unit.newest_mtime if unit.newest_mtime is not None else None
+        metrics = " ".join(f"{k}={format_metric(v)}" for k, v in sorted(unit.metrics.items(), key=_metric_order))
+        note = "" if unit.status.value == "complete" else unit.reason
+        table.add_row(
+            step,
+            f"[{colours[unit.status.value]}]{unit.status.value}[/]",
+            format_bytes(unit.total_bytes),
+            format_age(age),
+            unit.layout.value,
+            metrics,
+            ",".join(unit.pointers),
+            unit.path or ".",
+            note,
+        )
+    out.print(table)
+    summary = listing.summary
+    out.info(
+        f"{summary['shown']} of {summary['units']} checkpoints shown; {summary['complete']} complete, "
+        f"{format_bytes(summary['bytes'])} in {listing.url}"
+    )
+    for warning in listing.warnings:
+        out.warn(warning)
+
+
+def _metric_order(item: tuple[str, float]) -> tuple[int, str]:
+    name = item[0]
+    return (0 if name.startswith("eval") else 1 if "loss" in name else 2, name)

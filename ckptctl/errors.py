@@ -1,0 +1,117 @@
+"""The exceptions ckptctl's core raises, each with a stable ``code`` and a documented exit code.
+
+The command-line layer maps these to one line on stderr (``cli/_errors.py``); library users catch
+``CkptctlError`` and read ``code`` instead of parsing messages.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit codes shared by every command (documented in the README)."""
+
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    NOT_FOUND = 3
+    REFUSED = 4
+    PARTIAL = 5
+    LOCKED = 6
+    METRIC = 7
+    INTEGRITY = 8
+
+
+class CkptctlError(Exception):
+    """Base of every error ckptctl raises on purpose; ``str()`` is the one-line message."""
+
+    code: str = "error"
+    exit_code: ExitCode = ExitCode.INTERNAL
+    default_hint: str | None = None
+
+    def __init__(self, message: str, *, url: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.url = url
+        self.hint = hint if hint is not None else self.default_hint
+
+
+class UsageError(CkptctlError):
+    code = "usage"
+    exit_code = ExitCode.USAGE
+
+
+class BackendNotInstalledError(CkptctlError):
+    """An optional extra (s3fs, gcsfs, torch) is needed for what was asked."""
+
+    code = "backend_not_installed"
+    exit_code = ExitCode.USAGE
+
+
+class NotFoundError(CkptctlError):
+    code = "not_found"
+    exit_code = ExitCode.NOT_FOUND
+
+
+class NoSuchBucketError(NotFoundError):
+    code = "no_such_bucket"
+
+
+class NotADirectoryRunError(NotFoundError):
+    """A file was given where a run (a folder of checkpoints) was expected."""
+
+    code = "not_a_run"
+
+
+class NothingRecognisedError(NotFoundError):
+    code = "nothing_recognised"
+
+
+class PermissionDeniedError(CkptctlError):
+    code = "permission_denied"
+    exit_code = ExitCode.NOT_FOUND
+    default_hint = "check the credentials fsspec uses for this location, or the file permissions"
+
+
+class StorageUnavailableError(CkptctlError):
+    """The store could not be reached (connection refused, timed out, DNS)."""
+
+    code = "storage_unavailable"
+    exit_code = ExitCode.INTERNAL
+    default_hint = "check the endpoint (--storage-option endpoint_url=...) and the network"
+
+
+class RefusedError(CkptctlError):
+    """A safety rule refused the operation; nothing was changed."""
+
+    code = "refused"
+    exit_code = ExitCode.REFUSED
+
+
+class LockedError(CkptctlError):
+    code = "locked"
+    exit_code = ExitCode.LOCKED
+
+
+class MetricSourceError(CkptctlError):
+    code = "metric_source"
+    exit_code = ExitCode.METRIC
+
+
+class IntegrityError(CkptctlError):
+    """A file is corrupt or truncated."""
+
+    code = "integrity"
+    exit_code = ExitCode.INTEGRITY
+
+
+class ChecksumMismatchError(IntegrityError):
+    code = "checksum_mismatch"
+
+
+class PartialFailureError(CkptctlError):
+    """Some of the work was done and some failed; re-running resumes."""
+
+    code = "partial"
+    exit_code = ExitCode.PARTIAL

@@ -1,0 +1,423 @@
+"""A place that holds checkpoints, on any fsspec filesystem, with the few operations every command needs.
+
+This module (with the rest of ``ckptctl.storage``) is the only code that imports fsspec. Each operation is
+implemented once, in as few requests as the backend allows: a listing is one ``find(detail=True)`` walk (never a
+HEAD per file), a header read is ``cat_file(start, end)`` (never ``open()``, whose default readahead fetches
+50 MiB), deletes go in batches. fsspec and boto errors come out as ``ckptctl.errors`` exceptions naming the URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import posixpath
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from ckptctl.errors import (
+    BackendNotInstalledError,
+    CkptctlError,
+    NoSuchBucketError,
+    NotADirectoryRunError,
+    NotFoundError,
+    PermissionDeniedError,
+    StorageUnavailableError,
+    UsageError,
+)
+
+EntryType = Literal["file", "directory", "link"]
+
+# Class names of connection failures raised by botocore/aiohttp/requests; matched by name so that this module
+# does not import any backend.
+_CONNECTION_ERROR_NAMES = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ClientConnectionError",
+    "ServerDisconnectedError",
+    "ServerTimeoutError",
+    "ConnectionError",
+    "ConnectionRefusedError",
+    "TimeoutError",
+}
+
+_EXTRA_FOR_PROTOCOL = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One listed object: a file, a directory, or (local disks only) a symlink that is not followed."""
+
+    path: str
+    """Relative to the location, '/'-separated; "" is the location itself."""
+    type: EntryType
+    size: int
+    mtime: float | None
+    """Seconds since the epoch (local mtime, S3 LastModified, GCS updated)."""
+    etag: str | None = None
+    checksum: str | None = None
+    """``md5:<b64>`` or ``crc32c:<b64>`` where the store reports one (GCS)."""
+    link_target: str | None = None
+    """For symlinks: the target relative to the location when it lies inside it, else the raw target."""
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def parent(self) -> str:
+        return posixpath.dirname(self.path)
+
+
+def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
+    """Turn ``key=value`` pairs into fsspec storage options.
+
+    Values are parsed as JSON when they can be (``anon=true``, ``default_block_size=1048576``) and kept as strings
+    otherwise; dotted keys nest (``client_kwargs.region_name=us-east-1``).
+    """
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--storage-option takes key=value, got {pair!r}")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        target = options
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise UsageError(f"--storage-option {key}: {part} is set both as a value and as a group")
+        target[leaf] = value
+    return options
+
+
+def _timestamp(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def _mtime_of(info: dict[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "updated", "last_modified", "created", "timeCreated"):
+        if key in info:
+            found = _timestamp(info[key])
+            if found is not None:
+                return found
+    return None
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if any(cls.__name__ in _CONNECTION_ERROR_NAMES for cls in type(current).__mro__):
+            return True
+        if isinstance(current, OSError) and current.errno in (errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class Location:
+    """A folder (local or remote) addressed by a URL, with ckptctl's storage operations relative to it."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/") if root not in ("/", "") else root
+        self.url = url.rstrip("/") if len(url) > 1 else url
+
+    # -- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_url(cls, url: str, storage_options: dict[str, Any] | None = None) -> Location:
+        """Open a location; a missing backend (s3fs, gcsfs) is a one-line error naming the extra to install."""
+        options = dict(storage_options or {})
+        try:
+            fs, root = url_to_fs(url, **options)
+        except ImportError as exc:
+            protocol = url.split("://", 1)[0] if "://" in url else "file"
+            extra = _EXTRA_FOR_PROTOCOL.get(protocol)
+            hint = f"pip install 'ckptctl[{extra}]'" if extra else f"install the fsspec backend for {protocol}://"
+            raise BackendNotInstalledError(
+                f"{protocol}:// needs a backend that is not installed ({exc})", url=url, hint=hint
+            ) from exc
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"cannot open {url}: {exc}", url=url) from exc
+        return cls(fs, root, url)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def protocol(self) -> str:
+        proto = self.fs.protocol
+        return proto if isinstance(proto, str) else proto[0]
+
+    def full_path(self, rel: str = "") -> str:
+        """The backend path of ``rel`` (relative to this location)."""
+        if not rel:
+            return self.root
+        return posixpath.join(self.root, rel) if self.root else rel
+
+    def url_of(self, rel: str = "") -> str:
+        """A URL for messages: what the user typed, plus ``rel``."""
+        if not rel:
+            return self.url
+        return f"{self.url}/{rel}" if not self.url.endswith("/") else f"{self.url}{rel}"
+
+    def child(self, rel: str) -> Location:
+        return Location(self.fs, self.full_path(rel), self.url_of(rel))
+
+    # -- errors ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def errors(self, rel: str = "") -> Iterator[None]:
+        """Translate fsspec/boto/OS errors raised inside the block into ckptctl errors naming the URL."""
+        url = self.url_of(rel)
+        try:
+            yield
+        except CkptctlError:
+            raise
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            if self._bucket_missing():
+                raise NoSuchBucketError(f"no such bucket: {self._bucket_url()}", url=url) from exc
+            raise NotFoundError(f"no such file or folder: {url}", url=url) from exc
+        except PermissionError as exc:
+            raise PermissionDeniedError(f"permission denied: {url}", url=url) from exc
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise StorageUnavailableError(
+                    f"cannot reach the store for {url}: {type(exc).__name__}: {exc}".splitlines()[0], url=url
+                ) from exc
+            text = str(exc)
+            if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+                raise NoSuchBucketError(f"no such bucket: {self._bucket_url()}", url=url) from exc
+            if "AccessDenied" in text or "Forbidden" in text or "403" in text.split(" ", 1)[0]:
+                raise PermissionDeniedError(f"permission denied: {url}", url=url) from exc
+            raise
+
+    def _bucket(self) -> str | None:
+        if self.is_local or self.protocol in ("memory", "file"):
+            return None
+        return self.root.split("/", 1)[0] or None
+
+    def _bucket_url(self) -> str:
+        return f"{self.protocol}://{self._bucket()}"
+
+    def _bucket_missing(self) -> bool:
+        bucket = self._bucket()
+        if bucket is None:
+            return False
+        try:
+            return not self.fs.exists(bucket)
+        except Exception:
+            return False
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def stat(self, rel: str = "") -> FileEntry:
+        """One entry's facts (a single HEAD or stat); a missing path raises NotFoundError."""
+        path = self.full_path(rel)
+        with self.errors(rel):
+            if self.is_local:
+                return self._local_entry(path, rel)
+            info = self.fs.info(path)
+        return self._entry(info, rel)
+
+    def exists(self, rel: str = "") -> bool:
+        with self.errors(rel):
+            return bool(self.fs.exists(self.full_path(rel)))
+
+    def walk(self) -> list[FileEntry]:
+        """Every file and folder below this location, in one listing walk, sorted by path.
+
+        Object stores: one ``find(detail=True)`` (paginated LIST requests only), with the listing cache cleared
+        first so that a run written by another client is seen as it is now. Local disks: ``os.scandir``, which
+        reports symlinks as links instead of following them (a ``last.ckpt -> epoch=3.ckpt`` link is a pointer,
+        not a second checkpoint, and a link loop cannot hang the walk). Raises NotFoundError when the location
+        does not exist and NotADirectoryRunError when it is a file.
+        """
+        if self.is_local:
+            return self._walk_local()
+        with self.errors():
+            self.fs.invalidate_cache(self.root)
+            found = self.fs.find(self.root, withdirs=True, detail=True)
+        entries = []
+        prefix = self.root.rstrip("/") + "/"
+        for path, info in found.items():
+            path = path.rstrip("/")
+            if path == self.root.rstrip("/"):
+                if info.get("type") == "file":
+                    raise NotADirectoryRunError(
+                        f"{self.url} is a file; expected a folder of checkpoints", url=self.url
+                    )
+                continue
+            if not path.startswith(prefix):
+                continue
+            entries.append(self._entry(info, path[len(prefix) :]))
+        if not entries:
+            self._raise_if_missing_or_file()
+        entries.sort(key=lambda e: e.path)
+        return entries
+
+    def _raise_if_missing_or_file(self) -> None:
+        """An empty listing on an object store means a missing prefix, a file, or a missing bucket."""
+        with self.errors():
+            try:
+                info = self.fs.info(self.root)
+            except FileNotFoundError:
+                if self._bucket_missing():
+                    raise NoSuchBucketError(f"no such bucket: {self._bucket_url()}", url=self.url) from None
+                raise NotFoundError(f"no such file or folder: {self.url}", url=self.url) from None
+        if info.get("type") == "file":
+            raise NotADirectoryRunError(f"{self.url} is a file; expected a folder of checkpoints", url=self.url)
+
+    def _walk_local(self) -> list[FileEntry]:
+        root = self.root or "/"
+        with self.errors():
+            top = os.stat(root)
+            if not stat.S_ISDIR(top.st_mode):
+                raise NotADirectoryRunError(f"{self.url} is a file; expected a folder of checkpoints", url=self.url)
+            entries: list[FileEntry] = []
+            pending = [""]
+            while pending:
+                rel_dir = pending.pop()
+                with os.scandir(os.path.join(root, rel_dir) if rel_dir else root) as it:
+                    for item in it:
+                        rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
+                        entry = self._local_entry(item.path, rel)
+                        entries.append(entry)
+                        if entry.type == "directory":
+                            pending.append(rel)
+        entries.sort(key=lambda e: e.path)
+        return entries
+
+    def _local_entry(self, path: str, rel: str) -> FileEntry:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raw = os.readlink(path)
+            absolute = os.path.normpath(os.path.join(os.path.dirname(path), raw))
+            root = os.path.normpath(self.root or "/")
+            inside = os.path.commonpath([absolute, root]) == root
+            target = os.path.relpath(absolute, root).replace(os.sep, "/") if inside else raw
+            return FileEntry(rel, "link", 0, st.st_mtime, link_target=target)
+        kind: EntryType = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+        return FileEntry(rel, kind, st.st_size if kind == "file" else 0, st.st_mtime)
+
+    def _entry(self, info: dict[str, Any], rel: str) -> FileEntry:
+        kind: EntryType = "directory" if info.get("type") == "directory" else "file"
+        etag = info.get("ETag") or info.get("etag")
+        checksum = None
+        if info.get("crc32c"):
+            checksum = f"crc32c:{info['crc32c']}"
+        elif info.get("md5Hash"):
+            checksum = f"md5:{info['md5Hash']}"
+        return FileEntry(
+            path=rel,
+            type=kind,
+            size=int(info.get("size") or 0) if kind == "file" else 0,
+            mtime=_mtime_of(info),
+            etag=etag.strip('"') if isinstance(etag, str) else None,
+            checksum=checksum,
+        )
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a file, in one ranged request; negative ``start`` counts from the end."""
+        with self.errors(rel):
+            return bytes(self.fs.cat_file(self.full_path(rel), start=start, end=end))
+
+    def read_bytes(self, rel: str) -> bytes:
+        """A whole (small) file: pointer files, trainer_state.json, metric files."""
+        with self.errors(rel):
+            return bytes(self.fs.cat_file(self.full_path(rel)))
+
+    # -- writing and deleting ---------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a small file so that no reader ever sees it half-written.
+
+        Local disks: a temporary file in the same folder, fsync, rename, fsync of the folder. Object stores: one
+        PUT, which the store makes visible only once whole.
+        """
+        from ckptctl.storage.atomic import atomic_write_local
+
+        if self.is_local:
+            with self.errors(rel):
+                atomic_write_local(self.full_path(rel), data)
+            return
+        with self.errors(rel):
+            self.fs.pipe_file(self.full_path(rel), data)
+
+    def delete_files(self, rels: list[str], *, batch_size: int = 1000) -> list[str]:
+        """Delete files (never folders recursively) and return the ones that are still there afterwards.
+
+        Object stores get batched deletes (S3 DeleteObjects takes 1,000 keys a request). Because s3fs and gcsfs
+        drop per-key errors, success is not taken on trust: what is left is re-listed and returned, so a caller
+        can report a partial deletion instead of a silent one. Empty local folders left behind are removed.
+        """
+        if not rels:
+            return []
+        if self.is_local:
+            return self._delete_local(rels)
+        paths = [self.full_path(rel) for rel in rels]
+        with self.errors():
+            for start in range(0, len(paths), batch_size):
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(paths[start : start + batch_size])
+        return self._still_present(rels)
+
+    def _still_present(self, rels: list[str]) -> list[str]:
+        wanted = set(rels)
+        with self.errors():
+            self.fs.invalidate_cache(self.root)
+            present = self.fs.find(self.root)
+        prefix = self.root.rstrip("/") + "/"
+        remaining = {p[len(prefix) :] for p in present if p.startswith(prefix)}
+        return sorted(wanted & remaining)
+
+    def _delete_local(self, rels: list[str]) -> list[str]:
+        failed: list[str] = []
+        parents: set[str] = set()
+        for rel in rels:
+            path = self.full_path(rel)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                failed.append(rel)
+            parent = posixpath.dirname(rel)
+            while parent:
+                parents.add(parent)
+                parent = posixpath.dirname(parent)
+        for parent in sorted(parents, key=lambda p: p.count("/"), reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(self.full_path(parent))
+        return failed
+
+    def remove_empty_folder(self, rel: str) -> None:
+        """Remove a folder marker left after its files were deleted (local rmdir; a no-op on object stores)."""
+        if self.is_local:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.full_path(rel))
