@@ -1,2 +1,3 @@
 """ckptctl: administer the checkpoints of large-model training runs."""
+
 __version__ = "0.1.0"

@@ -13,12 +13,45 @@ from dataclasses import dataclass
 
 from ckptctl.catalog.model import Layout, Status
 
-CHECKPOINT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".distcp", ".nemo")
+CHECKPOINT_FILE_SUFFIXES = (
+    ".pt",
+    ".pth",
+    ".bin",
+    ".ckpt",
+    ".safetensors",
+    ".tar",
+    ".pkl",
+    ".distcp",
+    ".nemo",
+)
 ZIP_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 
 # Files and folders at run level that are not checkpoints and are never listed as unknown.
-AUXILIARY_FILE_SUFFIXES = (".json", ".jsonl", ".yaml", ".yml", ".txt", ".md", ".csv", ".log", ".py", ".sh", ".toml")
-AUXILIARY_DIR_NAMES = {"logs", "runs", "wandb", "tensorboard", "tb", "tb_logs", "events", "plots", "code", ".git"}
+AUXILIARY_FILE_SUFFIXES = (
+    ".json",
+    ".jsonl",
+    ".yaml",
+    ".yml",
+    ".txt",
+    ".md",
+    ".csv",
+    ".log",
+    ".py",
+    ".sh",
+    ".toml",
+)
+AUXILIARY_DIR_NAMES = {
+    "logs",
+    "runs",
+    "wandb",
+    "tensorboard",
+    "tb",
+    "tb_logs",
+    "events",
+    "plots",
+    "code",
+    ".git",
+}
 POINTER_FILE_NAMES = {"latest", "latest_universal", "latest_checkpointed_iteration.txt"}
 
 
@@ -42,7 +75,11 @@ _DIR_RULES: Sequence[tuple[re.Pattern[str], Layout, str | None]] = [
     (re.compile(r"^epoch_(?P<epoch>\d+)$"), Layout.OPEN_INSTRUCT, None),
     (re.compile(r"^step(?P<step>\d+)$"), Layout.OLMO_CORE, None),
     (re.compile(r"^step(?P<step>\d+)-tmp$"), Layout.OLMO_CORE, "temporary name (-tmp)"),
-    (re.compile(r"^(?P<step>\d+)\.orbax-checkpoint-tmp-\d+$"), Layout.ORBAX, "temporary name (.orbax-checkpoint-tmp)"),
+    (
+        re.compile(r"^(?P<step>\d+)\.orbax-checkpoint-tmp-\d+$"),
+        Layout.ORBAX,
+        "temporary name (.orbax-checkpoint-tmp)",
+    ),
     (re.compile(r"^ep(?P<epoch>\d+)-ba(?P<step>\d+)$"), Layout.COMPOSER, None),
     (re.compile(r"^.+--.*\bstep=(?P<step>\d+)\b.*$"), Layout.NEMO, None),
     (re.compile(r"^epoch=(?P<epoch>\d+)-step=(?P<step>\d+)\b.*\.ckpt$"), Layout.LIGHTNING, None),
@@ -54,7 +91,9 @@ _FILE_RULES: Sequence[tuple[re.Pattern[str], Layout]] = [
     (re.compile(r"^ep(?P<epoch>\d+)-ba(?P<step>\d+)(-rank\d+)?\.pt$"), Layout.COMPOSER),
 ]
 
-_STEP_IN_NAME = re.compile(r"(?:^|[^a-z])(?:global_step|step|iter|iteration|it)[_\-=]?(?P<n>\d+)", re.IGNORECASE)
+_STEP_IN_NAME = re.compile(
+    r"(?:^|[^a-z])(?:global_step|step|iter|iteration|it)[_\-=]?(?P<n>\d+)", re.IGNORECASE
+)
 _EPOCH_IN_NAME = re.compile(r"(?:^|[^a-z])epoch[_\-=]?(?P<n>\d+)", re.IGNORECASE)
 _DIGITS = re.compile(r"^(?P<step>\d+)$")
 _TRAILING_DIGITS = re.compile(r"(?P<n>\d+)$")
@@ -161,7 +200,9 @@ def judge_dir(layout: Layout, rel_files: set[str], name: str) -> Verdict:
         if "model.safetensors.index.json" in top:
             return Verdict(Status.COMPLETE, "model.safetensors.index.json present")
         if any(re.fullmatch(r"__\d+\.metadata", f) for f in top):
-            return Verdict(Status.INCOMPLETE, "only per-rank __N.metadata (use_collectives=False): no global .metadata")
+            return Verdict(
+                Status.INCOMPLETE, "only per-rank __N.metadata (use_collectives=False): no global .metadata"
+            )
         if ".metadata.tmp" in top:
             return Verdict(Status.INCOMPLETE, ".metadata.tmp not yet renamed to .metadata")
         return Verdict(Status.INCOMPLETE, "no .metadata (DCP writes it last)")
@@ -210,5 +251,7 @@ def judge_deepspeed_tag(top: set[str]) -> Verdict:
     if ranks:
         missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
         if missing:
-            return Verdict(Status.INCOMPLETE, f"missing ZeRO rank file(s) for dp rank {', '.join(map(str, missing))}")
+            return Verdict(
+                Status.INCOMPLETE, f"missing ZeRO rank file(s) for dp rank {', '.join(map(str, missing))}"
+            )
     return Verdict(Status.UNKNOWN, "no latest file names this tag")

@@ -29,7 +29,9 @@ class ListOptions:
         """Validate the command-line spellings (``--sort size:desc``, ``--status incomplete,in-progress``)."""
         key, _, direction = sort.partition(":")
         if key not in SORT_KEYS or direction not in ("", "asc", "desc"):
-            raise UsageError(f"--sort takes one of {', '.join(SORT_KEYS)}, optionally with :asc or :desc; got {sort!r}")
+            raise UsageError(
+                f"--sort takes one of {', '.join(SORT_KEYS)}, optionally with :asc or :desc; got {sort!r}"
+            )
         wanted: set[Status] = set()
         for item in statuses:
             for name in filter(None, (part.strip() for part in item.split(","))):
@@ -88,7 +90,9 @@ class Listing:
         return {
             "run": self.url,
             "units": [unit_to_dict(u, self.now) for u in self.units],
-            "pointers": [{"name": p.name, "source": p.source, "target": p.target} for p in self.scan.pointers],
+            "pointers": [
+                {"name": p.name, "source": p.source, "target": p.target} for p in self.scan.pointers
+            ],
             "warnings": list(self.warnings),
             "summary": self.summary,
         }

@@ -81,7 +81,9 @@ def _find_candidates(tree: _Tree, container: str) -> list[_Candidate]:
     candidates: list[_Candidate] = []
     for entry in kids:
         if entry.path in matched:
-            candidates.append(_Candidate(entry.path, "dir" if entry.type == "directory" else "file", matched[entry.path]))
+            candidates.append(
+                _Candidate(entry.path, "dir" if entry.type == "directory" else "file", matched[entry.path])
+            )
             continue
         if entry.type == "directory":
             orbax = is_orbax_step_dir(entry.name, layouts)
@@ -141,17 +143,26 @@ def _judge(location: Location, tree: _Tree, candidate: _Candidate, warnings: lis
         what = "folder" if candidate.kind == "dir" else "file"
         return _Draft(candidate, Layout.UNKNOWN, None, Verdict(Status.UNKNOWN, f"unrecognised {what}"))
     if match.in_progress_reason:
-        return _Draft(candidate, match.layout, match.step, Verdict(Status.IN_PROGRESS, match.in_progress_reason))
+        return _Draft(
+            candidate, match.layout, match.step, Verdict(Status.IN_PROGRESS, match.in_progress_reason)
+        )
     name = posixpath.basename(candidate.path)
     if posixpath.join(posixpath.dirname(candidate.path), f"{name}-unfinished").lstrip("/") in tree.by_path:
-        return _Draft(candidate, match.layout, match.step, Verdict(Status.IN_PROGRESS, "-unfinished marker present"))
+        return _Draft(
+            candidate, match.layout, match.step, Verdict(Status.IN_PROGRESS, "-unfinished marker present")
+        )
     if candidate.kind == "dir":
         prefix = f"{candidate.path}/" if candidate.path else ""
         rel_files = {f.path[len(prefix) :] for f in candidate.files}
         return _Draft(candidate, match.layout, match.step, judge_dir(match.layout, rel_files, name))
     entry = candidate.files[0]
     if not entry.path.endswith((*ZIP_SUFFIXES, ".safetensors")):
-        return _Draft(candidate, match.layout, match.step, Verdict(Status.UNKNOWN, "no structural check for this format"))
+        return _Draft(
+            candidate,
+            match.layout,
+            match.step,
+            Verdict(Status.UNKNOWN, "no structural check for this format"),
+        )
     try:
         check = quick_check_file(location, entry.path, entry.size)
     except CkptctlError as exc:
@@ -182,9 +193,13 @@ def _apply_step_pointer(
         if draft.path == pointer.target:
             draft.verdict = Verdict(Status.COMPLETE, f"named by {label}")
         elif pointed_step is not None and draft.step is not None and draft.step > pointed_step:
-            draft.verdict = Verdict(Status.IN_PROGRESS, f"newer than {label} ({posixpath.basename(pointer.target)})")
+            draft.verdict = Verdict(
+                Status.IN_PROGRESS, f"newer than {label} ({posixpath.basename(pointer.target)})"
+            )
         elif pointed_step is not None and draft.step is not None and draft.verdict.status is Status.UNKNOWN:
-            draft.verdict = Verdict(Status.COMPLETE, f"older than {label} ({posixpath.basename(pointer.target)})")
+            draft.verdict = Verdict(
+                Status.COMPLETE, f"older than {label} ({posixpath.basename(pointer.target)})"
+            )
 
 
 def _pointers(location: Location, tree: _Tree, drafts: list[_Draft], warnings: list[str]) -> list[Pointer]:
@@ -204,7 +219,7 @@ def _pointers(location: Location, tree: _Tree, drafts: list[_Draft], warnings: l
         if entry.type == "link" and entry.path not in unit_paths:
             target = entry.link_target or ""
             owner = owning_unit(target) if target else None
-            if owner is None or owner == "" and "" not in unit_paths:
+            if owner is None or (owner == "" and "" not in unit_paths):
                 warnings.append(f"{entry.path}: link to {target!r}, which is not a checkpoint of this run")
                 continue
             pointers.append(Pointer(entry.name, entry.path, owner))
@@ -217,8 +232,15 @@ def _pointers(location: Location, tree: _Tree, drafts: list[_Draft], warnings: l
         if entry.name == _TRACKER:
             megatron = [d for d in drafts if d.layout is Layout.MEGATRON and d.container == entry.parent]
             step = int(text) if text.isdigit() else None
-            named = next((d for d in megatron if (text == "release" and d.candidate.path.endswith("release")) or
-                          (step is not None and d.step == step)), None)
+            named = next(
+                (
+                    d
+                    for d in megatron
+                    if (text == "release" and d.candidate.path.endswith("release"))
+                    or (step is not None and d.step == step)
+                ),
+                None,
+            )
             if named is None:
                 warnings.append(f"{entry.path} names iteration {text!r}, which is not in the run")
                 continue
@@ -275,7 +297,8 @@ def _settle(draft: _Draft, newest: float | None, now: float, settle: float) -> N
     age = now - newest
     if age < settle and draft.verdict.status is not Status.IN_PROGRESS:
         draft.verdict = Verdict(
-            Status.IN_PROGRESS, f"settling: newest file {max(age, 0):.0f}s old (< {settle:.0f}s); was {draft.verdict.reason}"
+            Status.IN_PROGRESS,
+            f"settling: newest file {max(age, 0):.0f}s old (< {settle:.0f}s); was {draft.verdict.reason}",
         )
 
 

@@ -6,7 +6,9 @@ from typing import Annotated
 
 import typer
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON result (see README: the --json format).")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print one JSON result (see README: the --json format).")
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or informational messages.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would be done; change nothing.")]

@@ -95,17 +95,26 @@ class Output:
         return self._stderr
 
     # -- results ------------------------------------------------------------------------------------------
-    def result(self, data: Any, *, status: str = "ok", exit_code: int = 0, errors: Sequence[dict[str, str]] = ()) -> None:
+    def result(
+        self, data: Any, *, status: str = "ok", exit_code: int = 0, errors: Sequence[dict[str, str]] = ()
+    ) -> None:
         """Print the JSON envelope (``--json`` only; human renderers print their own text)."""
         if self.json_mode:
-            sys.stdout.write(json.dumps(envelope(self.command, data, status=status, exit_code=exit_code, errors=errors)))
+            sys.stdout.write(
+                json.dumps(envelope(self.command, data, status=status, exit_code=exit_code, errors=errors))
+            )
             sys.stdout.write("\n")
             sys.stdout.flush()
 
     def event(self, kind: str, **fields: Any) -> None:
         """One JSON Lines event (``--json`` streams such as prune's cron log)."""
         if self.json_mode:
-            record = {"ckptctl_result_version": RESULT_VERSION, "command": self.command, "event": kind, **fields}
+            record = {
+                "ckptctl_result_version": RESULT_VERSION,
+                "command": self.command,
+                "event": kind,
+                **fields,
+            }
             sys.stdout.write(json.dumps(_json_safe(record)) + "\n")
             sys.stdout.flush()
 
@@ -128,7 +137,9 @@ class Output:
         """Report an error in this sink's mode and return the exit code."""
         code = int(exc.exit_code)
         if self.json_mode:
-            self.result(None, status="error", exit_code=code, errors=[{"code": exc.code, "message": exc.message}])
+            self.result(
+                None, status="error", exit_code=code, errors=[{"code": exc.code, "message": exc.message}]
+            )
         write_error_line(exc)
         return code
 
@@ -139,13 +150,17 @@ class Output:
         if yes:
             return
         if not sys.stdin.isatty():
-            raise RefusedError(f"{question} needs confirmation and there is no terminal to ask on", hint="pass --yes")
+            raise RefusedError(
+                f"{question} needs confirmation and there is no terminal to ask on", hint="pass --yes"
+            )
         answer = input(f"{question} [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
             raise RefusedError("not confirmed; nothing was changed")
 
     @contextlib.contextmanager
-    def progress(self, description: str, total: float | None, *, unit: str = "bytes") -> Iterator[Progress | None]:
+    def progress(
+        self, description: str, total: float | None, *, unit: str = "bytes"
+    ) -> Iterator[Progress | None]:
         """A progress bar on stderr for long work; None when stderr is not a terminal, quiet or json."""
         if self.quiet or self.json_mode or not sys.stderr.isatty():
             yield None

@@ -35,7 +35,9 @@ def check_safetensors_head(head: bytes, size: int) -> QuickCheck | int:
         return QuickCheck(False, f"{size} bytes: too short for a safetensors header")
     (length,) = struct.unpack("<Q", head[:8])
     if length > _SAFETENSORS_MAX_HEADER or 8 + length > size:
-        return QuickCheck(False, f"header length {length} runs past the end of the {size}-byte file (truncated?)")
+        return QuickCheck(
+            False, f"header length {length} runs past the end of the {size}-byte file (truncated?)"
+        )
     if len(head) < 8 + length:
         return length
     try:

@@ -52,7 +52,9 @@ def atomic_write_local(path: str, data: bytes) -> None:
         handle.write(data)
 
 
-def write_then_commit(location: Location, files: dict[str, bytes], commit_rel: str, commit_data: bytes) -> None:
+def write_then_commit(
+    location: Location, files: dict[str, bytes], commit_rel: str, commit_data: bytes
+) -> None:
     """Write every data file, then the commit file last.
 
     Readers that look for ``commit_rel`` before trusting the rest never see a partial set, on any backend.

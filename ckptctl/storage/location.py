@@ -136,7 +136,11 @@ def _is_connection_error(exc: BaseException) -> bool:
         seen.add(id(current))
         if any(cls.__name__ in _CONNECTION_ERROR_NAMES for cls in type(current).__mro__):
             return True
-        if isinstance(current, OSError) and current.errno in (errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH):
+        if isinstance(current, OSError) and current.errno in (
+            errno.ECONNREFUSED,
+            errno.ETIMEDOUT,
+            errno.EHOSTUNREACH,
+        ):
             return True
         current = current.__cause__ or current.__context__
     return False
@@ -160,7 +164,11 @@ class Location:
         except ImportError as exc:
             protocol = url.split("://", 1)[0] if "://" in url else "file"
             extra = _EXTRA_FOR_PROTOCOL.get(protocol)
-            hint = f"pip install 'ckptctl[{extra}]'" if extra else f"install the fsspec backend for {protocol}://"
+            hint = (
+                f"pip install 'ckptctl[{extra}]'"
+                if extra
+                else f"install the fsspec backend for {protocol}://"
+            )
             raise BackendNotInstalledError(
                 f"{protocol}:// needs a backend that is not installed ({exc})", url=url, hint=hint
             ) from exc
@@ -292,14 +300,18 @@ class Location:
                     raise NoSuchBucketError(f"no such bucket: {self._bucket_url()}", url=self.url) from None
                 raise NotFoundError(f"no such file or folder: {self.url}", url=self.url) from None
         if info.get("type") == "file":
-            raise NotADirectoryRunError(f"{self.url} is a file; expected a folder of checkpoints", url=self.url)
+            raise NotADirectoryRunError(
+                f"{self.url} is a file; expected a folder of checkpoints", url=self.url
+            )
 
     def _walk_local(self) -> list[FileEntry]:
         root = self.root or "/"
         with self.errors():
             top = os.stat(root)
             if not stat.S_ISDIR(top.st_mode):
-                raise NotADirectoryRunError(f"{self.url} is a file; expected a folder of checkpoints", url=self.url)
+                raise NotADirectoryRunError(
+                    f"{self.url} is a file; expected a folder of checkpoints", url=self.url
+                )
             entries: list[FileEntry] = []
             pending = [""]
             while pending:

@@ -9,18 +9,21 @@ import typer
 from ckptctl.cli._options import JsonOpt, QuietOpt, RunArg, SettleOpt, StorageOpt
 
 
-
 def list_checkpoints(
     run: RunArg,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     sort: Annotated[
-        str, typer.Option("--sort", help="Order by step|size|age|name|status, ascending; add :desc to reverse.")
+        str,
+        typer.Option("--sort", help="Order by step|size|age|name|status, ascending; add :desc to reverse."),
     ] = "step",
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Show at most N checkpoints.")] = None,
     status: Annotated[
         list[str] | None,
-        typer.Option("--status", help="Only these statuses (complete, incomplete, in-progress, unknown); repeatable or comma-separated."),
+        typer.Option(
+            "--status",
+            help="Only these statuses (complete, incomplete, in-progress, unknown); repeatable or comma-separated.",
+        ),
     ] = None,
     settle: SettleOpt = "10m",
     storage_option: StorageOpt = None,
@@ -61,11 +64,19 @@ def _render(out: Any, listing: Any) -> None:
     colours = {"complete": "green", "incomplete": "red", "in-progress": "yellow", "unknown": "magenta"}
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("STEP", "STATUS", "SIZE", "AGE", "LAYOUT", "METRICS", "POINTERS", "PATH", "NOTE"):
-        table.add_column(column, justify="right" if column in ("STEP", "SIZE", "AGE") else "left", overflow="fold")
+        table.add_column(
+            column, justify="right" if column in ("STEP", "SIZE", "AGE") else "left", overflow="fold"
+        )
     for unit in listing.units:
-        step = str(unit.step) if unit.step is not None else (f"ep{unit.epoch}" if unit.epoch is not None else "-")
+        step = (
+            str(unit.step)
+            if unit.step is not None
+            else (f"ep{unit.epoch}" if unit.epoch is not None else "-")
+        )
         age = listing.now - unit.newest_mtime if unit.newest_mtime is not None else None
-        metrics = " ".join(f"{k}={format_metric(v)}" for k, v in sorted(unit.metrics.items(), key=_metric_order))
+        metrics = " ".join(
+            f"{k}={format_metric(v)}" for k, v in sorted(unit.metrics.items(), key=_metric_order)
+        )
         note = "" if unit.status.value == "complete" else unit.reason
         table.add_row(
             step,
