@@ -74,6 +74,14 @@ class PermissionDeniedError(CkptctlError):
     default_hint = "check the credentials fsspec uses for this location, or the file permissions"
 
 
+class NoCredentialsError(PermissionDeniedError):
+    code = "no_credentials"
+    default_hint = (
+        "set credentials the usual way (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile for s3://, "
+        "GOOGLE_APPLICATION_CREDENTIALS for gs://), or -o anon=true for a public bucket"
+    )
+
+
 class StorageUnavailableError(CkptctlError):
     """The store could not be reached (connection refused, timed out, DNS)."""
 

@@ -318,10 +318,13 @@ def scan_run(
     entries = location.walk()
     tree = _Tree(entries)
     warnings: list[str] = []
-    candidates = _find_candidates(tree, "")
+    # A checkpoint folder given as the run (``ckptctl list run/checkpoint-300``) is one unit: by its name, or
+    # by its markers when nothing inside it is a unit of its own.
+    root_name = posixpath.basename(location.root.rstrip("/"))
+    itself = match_dir_name(root_name)
+    candidates = [_Candidate("", "dir", itself)] if itself else _find_candidates(tree, "")
     if not any(c.match for c in candidates):
-        root_name = posixpath.basename(location.root.rstrip("/"))
-        itself = match_dir_name(root_name) or match_dir_contents(root_name, tree.child_names(""))
+        itself = match_dir_contents(root_name, tree.child_names(""))
         if itself:
             candidates = [_Candidate("", "dir", itself)]
     _assign_files(tree, candidates)

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ckptctl import __version__
+from ckptctl.cli.commands.example import example
 from ckptctl.cli.commands.list_checkpoints import list_checkpoints
 
 app = typer.Typer(
@@ -44,6 +45,7 @@ def _root(
 
 
 app.command("list")(list_checkpoints)
+app.command("example")(example)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ckptctl.errors import (
     BackendNotInstalledError,
     CkptctlError,
+    NoCredentialsError,
     NoSuchBucketError,
     NotADirectoryRunError,
     NotFoundError,
@@ -51,6 +52,15 @@ _CONNECTION_ERROR_NAMES = {
     "ConnectionRefusedError",
     "TimeoutError",
 }
+
+_CREDENTIAL_ERROR_NAMES = {
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "DefaultCredentialsError",
+    "RefreshError",
+    "TransportError",
+}
+_DENIED_CODES = ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken")
 
 _EXTRA_FOR_PROTOCOL = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
@@ -129,21 +139,26 @@ def _mtime_of(info: dict[str, Any]) -> float | None:
     return None
 
 
-def _is_connection_error(exc: BaseException) -> bool:
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its causes (backends wrap the error that matters)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if any(cls.__name__ in _CONNECTION_ERROR_NAMES for cls in type(current).__mro__):
-            return True
-        if isinstance(current, OSError) and current.errno in (
-            errno.ECONNREFUSED,
-            errno.ETIMEDOUT,
-            errno.EHOSTUNREACH,
-        ):
-            return True
+        yield current
         current = current.__cause__ or current.__context__
-    return False
+
+
+def _caused_by(exc: BaseException, names: set[str]) -> bool:
+    """Whether ``exc`` or anything in its cause chain is of a class with one of ``names``."""
+    return any(cls.__name__ in names for link in _chain(exc) for cls in type(link).__mro__)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    refused = (errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH)
+    return _caused_by(exc, _CONNECTION_ERROR_NAMES) or any(
+        isinstance(link, OSError) and link.errno in refused for link in _chain(exc)
+    )
 
 
 class Location:
@@ -216,6 +231,10 @@ class Location:
         except PermissionError as exc:
             raise PermissionDeniedError(f"permission denied: {url}", url=url) from exc
         except Exception as exc:
+            if _caused_by(exc, _CREDENTIAL_ERROR_NAMES):
+                raise NoCredentialsError(
+                    f"no usable credentials for {url}: {exc}".splitlines()[0], url=url
+                ) from exc
             if _is_connection_error(exc):
                 raise StorageUnavailableError(
                     f"cannot reach the store for {url}: {type(exc).__name__}: {exc}".splitlines()[0], url=url
@@ -223,7 +242,7 @@ class Location:
             text = str(exc)
             if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
                 raise NoSuchBucketError(f"no such bucket: {self._bucket_url()}", url=url) from exc
-            if "AccessDenied" in text or "Forbidden" in text or "403" in text.split(" ", 1)[0]:
+            if any(code in text for code in _DENIED_CODES):
                 raise PermissionDeniedError(f"permission denied: {url}", url=url) from exc
             raise
 
@@ -271,22 +290,27 @@ class Location:
             return self._walk_local()
         with self.errors():
             self.fs.invalidate_cache(self.root)
-            found = self.fs.find(self.root, withdirs=True, detail=True)
-        entries = []
+            found = self.fs.find(self.root, detail=True)
+        entries: list[FileEntry] = []
+        folders: set[str] = set()
         prefix = self.root.rstrip("/") + "/"
         for path, info in found.items():
-            path = path.rstrip("/")
-            if path == self.root.rstrip("/"):
-                if info.get("type") == "file":
-                    raise NotADirectoryRunError(
-                        f"{self.url} is a file; expected a folder of checkpoints", url=self.url
-                    )
+            if path.rstrip("/") == self.root.rstrip("/") and info.get("type") == "file":
+                raise NotADirectoryRunError(
+                    f"{self.url} is a file; expected a folder of checkpoints", url=self.url
+                )
+            if not path.startswith(prefix) or info.get("type") == "directory" or path.endswith("/"):
                 continue
-            if not path.startswith(prefix):
-                continue
-            entries.append(self._entry(info, path[len(prefix) :]))
+            rel = path[len(prefix) :]
+            entries.append(self._entry(info, rel))
+            parent = posixpath.dirname(rel)
+            while parent and parent not in folders:
+                folders.add(parent)
+                parent = posixpath.dirname(parent)
         if not entries:
             self._raise_if_missing_or_file()
+        # Object stores have no folders, and backends infer them differently: derive them from the keys.
+        entries.extend(FileEntry(folder, "directory", 0, None) for folder in folders)
         entries.sort(key=lambda e: e.path)
         return entries
 
@@ -356,7 +380,7 @@ class Location:
         )
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of a file, in one ranged request; negative ``start`` counts from the end."""
+        """Bytes [start, end) of a file, in one ranged request (never a buffered ``open``)."""
         with self.errors(rel):
             return bytes(self.fs.cat_file(self.full_path(rel), start=start, end=end))
 
