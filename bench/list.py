@@ -1,0 +1,129 @@
+"""``ckptctl list`` on an object store: requests and seconds for a run of 1,000 units x 10 files on moto.
+
+The goal is listing requests only (one paginated ListObjectsV2 walk: 10,000 keys = 10 pages), no HEAD or GET
+per unit. For comparison, the same question answered the way a hand-written script does it with s3fs:
+``ls`` the run, then ``ls`` each unit (one LIST per unit). Requests are counted from moto's own access log.
+Usage: python bench/list.py [UNITS] [FILES_PER_UNIT]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+from tests.conftest import start_moto  # noqa: E402
+
+_REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP')
+
+
+def count_requests(log: Path, start: int) -> Counter[str]:
+    """Requests moto logged after byte ``start`` of its log, by kind (LIST / GET / HEAD / ...)."""
+    kinds: Counter[str] = Counter()
+    with log.open("rb") as handle:
+        handle.seek(start)
+        for line in handle.read().decode(errors="replace").splitlines():
+            found = _REQUEST.search(line)
+            if not found:
+                continue
+            method, target = found.groups()
+            kinds[
+                "LIST" if method == "GET" and ("list-type" in target or "prefix=" in target) else method
+            ] += 1
+    return kinds
+
+
+def main() -> None:
+    units = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+    per_unit = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+    import s3fs
+
+    server = start_moto()
+    try:
+        assert server.log is not None
+        fs = s3fs.S3FileSystem(endpoint_url=server.endpoint)
+        fs.mkdir("bench")
+        names = [
+            "config.json",
+            "model.safetensors",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+            "training_args.bin",
+            "generation_config.json",
+            "tokenizer.json",
+            "special_tokens_map.json",
+            "trainer_state.json",
+        ][:per_unit]
+        t0 = time.perf_counter()
+        payload = {f"bench/run/checkpoint-{(u + 1) * 100}/{n}": b"{}" for u in range(units) for n in names}
+        fs.pipe(payload, batch_size=64)
+        print(
+            f"setup: {units} units x {per_unit} files = {len(payload)} objects uploaded in {time.perf_counter() - t0:.1f}s"
+        )
+
+        env = dict(os.environ)
+        mark = server.log.stat().st_size
+        t0 = time.perf_counter()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ckptctl",
+                "list",
+                "s3://bench/run",
+                "--json",
+                "--settle",
+                "0",
+                "-o",
+                f"endpoint_url={server.endpoint}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        ours = time.perf_counter() - t0
+        time.sleep(0.2)
+        ours_requests = count_requests(server.log, mark)
+        listed = json.loads(result.stdout)["data"]["summary"]
+
+        mark = server.log.stat().st_size
+        t0 = time.perf_counter()
+        script = s3fs.S3FileSystem(endpoint_url=server.endpoint, skip_instance_cache=True)
+        found = 0
+        for unit in script.ls("bench/run", detail=False):
+            found += len(script.ls(unit, detail=True))
+        naive = time.perf_counter() - t0
+        time.sleep(0.2)
+        naive_requests = count_requests(server.log, mark)
+
+        total_ours = sum(ours_requests.values())
+        total_naive = sum(naive_requests.values())
+        print(
+            f"ckptctl list: {listed['units']} units, {listed['files']} files in {ours:.2f}s (process, incl. start-up); "
+            f"requests {total_ours} {dict(ours_requests)}"
+        )
+        print(
+            f"s3fs ls per unit: {found} files in {naive:.2f}s; requests {total_naive} {dict(naive_requests)}"
+        )
+        print(
+            f"ratio requests ckptctl/script: {total_ours / total_naive:.3f}; seconds: {ours / naive:.2f}x; "
+            f"lower bound (one LIST per 1,000 keys): {-(-units * per_unit // 1000)}"
+        )
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
