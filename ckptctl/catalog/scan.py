@@ -173,11 +173,19 @@ def _judge(location: Location, tree: _Tree, candidate: _Candidate, warnings: lis
 
 
 def _read_text(location: Location, rel: str, warnings: list[str]) -> str | None:
+    """A pointer file's text, or None (with a warning) when it cannot be read or is not short text."""
     try:
-        return location.read_bytes(rel).decode("utf-8", errors="replace").strip()
+        data = location.read_bytes(rel)
     except CkptctlError as exc:
         warnings.append(f"{rel}: could not read pointer file: {exc}")
         return None
+    text = data.decode("utf-8", errors="replace").strip()
+    if len(text) > 256 or not text.isprintable():
+        warnings.append(
+            f"{rel}: not a pointer (expected a short line of text, found {len(data)} bytes of data)"
+        )
+        return None
+    return text
 
 
 def _apply_step_pointer(
@@ -272,8 +280,13 @@ def _hf_metrics(location: Location, drafts: list[_Draft], warnings: list[str]) -
         rel = f"{draft.path}/trainer_state.json" if draft.path else "trainer_state.json"
         try:
             state = parse_trainer_state(location.read_bytes(rel))
-        except (CkptctlError, ValueError) as exc:
-            warnings.append(f"{rel}: unreadable ({str(exc).splitlines()[0]}); trying an older one")
+        except ValueError as exc:
+            # HF writes trainer_state.json last with a plain json.dump: cut short, the save did not finish.
+            draft.verdict = Verdict(Status.INCOMPLETE, f"trainer_state.json is truncated or corrupt ({exc})")
+            warnings.append(f"{rel}: not valid JSON; using an older trainer_state.json for metrics")
+            continue
+        except CkptctlError as exc:
+            warnings.append(f"{rel}: unreadable ({exc}); trying an older one")
             continue
         for unit in hf:
             values = state.by_step.get(unit.step or -1)

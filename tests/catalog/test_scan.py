@@ -130,3 +130,17 @@ def test_missing_bucket(backend: Backend) -> None:
     location = Location.from_url(backend.url + "-missing/run", dict(backend.options))
     with pytest.raises(NoSuchBucketError, match="no such bucket"):
         scan_run(location)
+
+
+def test_cut_short_trainer_state_marks_the_unit_incomplete(tmp_path: Path) -> None:
+    run = write_example_run(tmp_path / "run")
+    state = run / "checkpoint-500" / "trainer_state.json"
+    state.write_bytes(state.read_bytes()[:100])
+    (run / "latest").write_bytes(os.urandom(64))
+    age_tree(run)
+    scan = scan_local(run)
+    by_step = {u.step: u for u in scan.units}
+    assert by_step[500].status is Status.INCOMPLETE and "truncated" in by_step[500].reason
+    assert by_step[400].status is Status.COMPLETE
+    assert by_step[300].metrics["eval_loss"] == pytest.approx(1.62)
+    assert any("latest: not a pointer" in w for w in scan.warnings)
