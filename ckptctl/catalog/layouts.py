@@ -96,6 +96,7 @@ _STEP_IN_NAME = re.compile(
 )
 _EPOCH_IN_NAME = re.compile(r"(?:^|[^a-z])epoch[_\-=]?(?P<n>\d+)", re.IGNORECASE)
 _DIGITS = re.compile(r"^(?P<step>\d+)$")
+_MEGATRON_RANK_DIR = re.compile(r"^mp_rank_\d+(_\d+)?$")
 _TRAILING_DIGITS = re.compile(r"(?P<n>\d+)$")
 
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
@@ -147,6 +148,9 @@ def match_dir_contents(name: str, child_names: set[str]) -> NameMatch | None:
         return NameMatch(Layout.HF_TRAINER, step)
     if ".metadata.json" in child_names and "model_and_optim" in child_names:
         return NameMatch(Layout.OLMO_CORE, step)
+    if any(_MEGATRON_RANK_DIR.match(c) for c in child_names):
+        # Megatron's legacy format: iter_NNNNNNN/ or release/ holding mp_rank_XX[_YYY]/model_optim_rng.pt.
+        return NameMatch(Layout.MEGATRON, step)
     return None
 
 

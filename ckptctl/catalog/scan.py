@@ -227,7 +227,7 @@ def _pointers(location: Location, tree: _Tree, drafts: list[_Draft], warnings: l
         if entry.type == "link" and entry.path not in unit_paths:
             target = entry.link_target or ""
             owner = owning_unit(target) if target else None
-            if owner is None or (owner == "" and "" not in unit_paths):
+            if owner is None:
                 warnings.append(f"{entry.path}: link to {target!r}, which is not a checkpoint of this run")
                 continue
             pointers.append(Pointer(entry.name, entry.path, owner))
@@ -244,7 +244,7 @@ def _pointers(location: Location, tree: _Tree, drafts: list[_Draft], warnings: l
                 (
                     d
                     for d in megatron
-                    if (text == "release" and d.candidate.path.endswith("release"))
+                    if (text == "release" and posixpath.basename(d.path) == "release")
                     or (step is not None and d.step == step)
                 ),
                 None,

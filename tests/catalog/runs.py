@@ -144,6 +144,13 @@ def megatron(root: Path) -> Expected:
     }
 
 
+def megatron_release(root: Path) -> Expected:
+    """A converted Megatron checkpoint: ``release/`` named by the tracker instead of an iteration."""
+    torch_file(root / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    write(root / "latest_checkpointed_iteration.txt", "release")
+    return {"release": ("megatron", None, "complete")}
+
+
 def orbax(root: Path) -> Expected:
     write(root / "100" / "_CHECKPOINT_METADATA", json.dumps({"commit_timestamp_nsecs": 1}))
     write(root / "100" / "state" / "manifest.ocdbt")
@@ -227,6 +234,7 @@ FAMILIES: dict[str, Callable[[Path], Expected]] = {
     "torchtitan": torchtitan,
     "lightning": lightning,
     "megatron": megatron,
+    "megatron-release": megatron_release,
     "orbax": orbax,
     "open-instruct": open_instruct,
     "olmo-core": olmo_core,
