@@ -123,3 +123,13 @@ class PartialFailureError(CkptctlError):
 
     code = "partial"
     exit_code = ExitCode.PARTIAL
+
+
+class UnsafePickleError(IntegrityError):
+    """A pickle names a global that ckptctl will not load (it could run code); nothing from it was run."""
+
+    code = "unsafe_pickle"
+    default_hint = (
+        "ckptctl reads only tensors, containers and known DeepSpeed/DCP records from pickles, and never runs "
+        "code from a file"
+    )

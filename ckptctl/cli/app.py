@@ -14,6 +14,7 @@ import typer
 
 from ckptctl import __version__
 from ckptctl.cli.commands.example import example
+from ckptctl.cli.commands.inspect import inspect_checkpoint
 from ckptctl.cli.commands.list_checkpoints import list_checkpoints
 
 app = typer.Typer(
@@ -46,6 +47,7 @@ def _root(
 
 app.command("list")(list_checkpoints)
 app.command("example")(example)
+app.command("inspect")(inspect_checkpoint)
 
 
 def main() -> None:

@@ -1,0 +1,140 @@
+"""The safetensors header: 8-byte little-endian length N, N bytes of JSON, then the data buffer.
+
+The header alone says everything ``inspect`` needs, and validating it is also the cheap truncation check: the
+data offsets must tile the buffer exactly, so a file cut anywhere is caught without reading its data. Read with
+one speculative ranged GET (and a second only when the header is longer than the guess).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from ckptctl.errors import IntegrityError
+from ckptctl.formats.model import Defect, TensorInfo, nbytes_of
+from ckptctl.formats.source import PROBE_BYTES, FileSource
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F4": "float4_e2m1",
+}
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    header_length: int
+    metadata: dict[str, str]
+    tensors: tuple[TensorInfo, ...]
+    defects: tuple[Defect, ...]
+    """Problems found while validating (a truncated data buffer still lists its tensors)."""
+
+
+def _bad(source: FileSource, message: str) -> IntegrityError:
+    return IntegrityError(f"{source.name}: {message}", url=source.location.url_of(source.rel))
+
+
+def read_safetensors_header(source: FileSource) -> SafetensorsHeader:
+    """Parse and validate a safetensors header without touching tensor data.
+
+    Raises IntegrityError when there is no usable header (empty, cut inside the header, length past the end,
+    not JSON). Defects of the data buffer (cut short, holes, overlaps, spans that disagree with the shape)
+    are returned in ``defects`` so the tensors can still be shown.
+    """
+    if source.size < 8:
+        raise _bad(source, f"{source.size} bytes: too short for a safetensors file (empty or truncated)")
+    head = source.head(PROBE_BYTES)
+    (length,) = struct.unpack("<Q", head[:8])
+    if length > MAX_HEADER_BYTES:
+        raise _bad(
+            source, f"header length {length} is over the {MAX_HEADER_BYTES}-byte limit: not safetensors"
+        )
+    if 8 + length > source.size:
+        raise _bad(
+            source,
+            f"header length {length} runs past the end of the {source.size}-byte file "
+            "(truncated inside the header, or not a safetensors file)",
+        )
+    raw = head[8 : 8 + length] if len(head) >= 8 + length else source.read(8, 8 + length)
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise _bad(source, f"header is not valid JSON ({exc}): not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise _bad(source, "header is not a JSON object: not a safetensors file")
+    return _validate(source, length, header)
+
+
+def _validate(source: FileSource, length: int, header: dict[str, Any]) -> SafetensorsHeader:
+    defects: list[Defect] = []
+    file = source.rel or source.location.url
+
+    def defect(message: str) -> None:
+        defects.append(Defect(file, message))
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        defect("__metadata__ is not an object")
+        metadata = {}
+    spans: list[tuple[int, int, str]] = []
+    tensors: list[TensorInfo] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise _bad(source, f"tensor {name!r}: entry is not an object")
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
+        if dtype is None:
+            raise _bad(source, f"tensor {name!r}: unknown dtype {code!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise _bad(source, f"tensor {name!r}: invalid shape {shape!r}")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise _bad(source, f"tensor {name!r}: invalid data_offsets {offsets!r}")
+        dims = tuple(shape)
+        expected = nbytes_of(dtype, dims)
+        if offsets[1] - offsets[0] != expected:
+            defect(
+                f"tensor {name!r}: {dtype} {list(dims)} needs {expected} bytes, span is {offsets[1] - offsets[0]}"
+            )
+        spans.append((offsets[0], offsets[1], name))
+        tensors.append(TensorInfo(name, dtype, dims, expected))
+    spans.sort()
+    position = 0
+    for begin, end, name in spans:
+        if begin != position:
+            what = "a hole" if begin > position else "an overlap"
+            defect(f"tensor {name!r} starts at {begin}, previous data ends at {position} ({what})")
+        position = max(position, end)
+    expected_size = 8 + length + position
+    if expected_size > source.size:
+        defect(f"data cut short: header needs {expected_size} bytes, file has {source.size} (truncated)")
+    elif expected_size < source.size:
+        defect(f"{source.size - expected_size} bytes after the last tensor (header needs {expected_size})")
+    return SafetensorsHeader(
+        length, {str(k): str(v) for k, v in metadata.items()}, tuple(tensors), tuple(defects)
+    )
