@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+from ckptctl.catalog.journal import JOURNAL_NAME, decode_journal
 from ckptctl.catalog.layouts import (
     POINTER_FILE_NAMES,
     ZIP_SUFFIXES,
@@ -304,6 +305,22 @@ def _hf_metrics(location: Location, drafts: list[_Draft], warnings: list[str]) -
     return None
 
 
+def _apply_journal(location: Location, tree: _Tree, drafts: list[_Draft], warnings: list[str]) -> None:
+    """Units named by an unfinished prune's journal are half-deleted: never complete, never counted."""
+    if JOURNAL_NAME not in tree.by_path:
+        return
+    try:
+        doomed = decode_journal(location.read_bytes(JOURNAL_NAME))
+    except (CkptctlError, ValueError) as exc:
+        warnings.append(f"{JOURNAL_NAME}: unreadable ({exc}); units it names cannot be told apart")
+        return
+    for draft in drafts:
+        if draft.path in doomed:
+            draft.verdict = Verdict(
+                Status.INCOMPLETE, "being deleted (an interrupted prune's journal names it)"
+            )
+
+
 def _settle(draft: _Draft, newest: float | None, now: float, settle: float) -> None:
     if draft.layout is Layout.UNKNOWN or newest is None or settle <= 0:
         return
@@ -342,6 +359,7 @@ def scan_run(
             candidates = [_Candidate("", "dir", itself)]
     _assign_files(tree, candidates)
     drafts = [_judge(location, tree, c, warnings) for c in candidates]
+    _apply_journal(location, tree, drafts, warnings)
     pointers = _pointers(location, tree, drafts, warnings)
     best = _hf_metrics(location, drafts, warnings)
     if best is not None:

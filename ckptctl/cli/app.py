@@ -16,6 +16,7 @@ from ckptctl import __version__
 from ckptctl.cli.commands.example import example
 from ckptctl.cli.commands.inspect import inspect_checkpoint
 from ckptctl.cli.commands.list_checkpoints import list_checkpoints
+from ckptctl.cli.commands.prune import prune
 
 app = typer.Typer(
     name="ckptctl",
@@ -47,6 +48,7 @@ def _root(
 
 app.command("list")(list_checkpoints)
 app.command("example")(example)
+app.command("prune")(prune)
 app.command("inspect")(inspect_checkpoint)
 
 

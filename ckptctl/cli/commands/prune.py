@@ -1,0 +1,279 @@
+"""``ckptctl prune RUN --keep-last K``: delete old checkpoints, never the wrong one."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from ckptctl.cli._options import DryRunOpt, JsonOpt, QuietOpt, RunArg, SettleOpt, StorageOpt, YesOpt
+
+
+def prune(
+    run: RunArg,
+    keep_last: Annotated[
+        int | None,
+        typer.Option("--keep-last", metavar="K", help="Keep the newest K complete checkpoints (by step)."),
+    ] = None,
+    keep_best: Annotated[
+        int | None,
+        typer.Option("--keep-best", metavar="M", help="Keep the M best complete checkpoints by --metric."),
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric",
+            metavar="NAME[:min|max]",
+            help="Metric for --keep-best, e.g. eval_loss (names ending in 'loss' default to min) or eval_acc:max.",
+        ),
+    ] = None,
+    metric_file: Annotated[
+        str | None,
+        typer.Option(
+            "--metric-file",
+            metavar="PATH",
+            help="CSV or JSON Lines file of metrics by step (else HF "
+            "trainer_state.json and name=value in checkpoint names are used).",
+        ),
+    ] = None,
+    step_key: Annotated[str, typer.Option("--step-key", help="The step column of --metric-file.")] = "step",
+    keep_every_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-every-steps", metavar="N", help="Keep every checkpoint whose step is a multiple of N."
+        ),
+    ] = None,
+    keep_within: Annotated[
+        str | None,
+        typer.Option(
+            "--keep-within",
+            metavar="DURATION",
+            help="Keep checkpoints written within DURATION of the newest one (e.g. 1d).",
+        ),
+    ] = None,
+    keep_steps: Annotated[
+        str | None, typer.Option("--keep-steps", metavar="S1,S2", help="Keep these steps.")
+    ] = None,
+    pin: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--pin",
+            metavar="STEP",
+            help="Keep this step (repeatable). A .ckptctl-keep file inside a checkpoint pins it too.",
+        ),
+    ] = None,
+    keep_without_metric: Annotated[
+        bool,
+        typer.Option(
+            "--keep-without-metric/--no-keep-without-metric",
+            help="Keep checkpoints that have no value for --metric.",
+        ),
+    ] = True,
+    max_delete: Annotated[
+        int | None,
+        typer.Option(
+            "--max-delete", metavar="N", help="Refuse (exit 4) if the plan deletes more than N checkpoints."
+        ),
+    ] = None,
+    max_delete_bytes: Annotated[
+        str | None,
+        typer.Option(
+            "--max-delete-bytes",
+            metavar="SIZE",
+            help="Refuse (exit 4) if the plan frees more than SIZE (e.g. 2TB).",
+        ),
+    ] = None,
+    ignore_time_order: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-time-order", help="Do not refuse when step order and file times disagree (copied runs)."
+        ),
+    ] = False,
+    settle: SettleOpt = "10m",
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Delete the checkpoints of a run that no keep rule protects.
+
+    The kept set is the union of every rule given. Whatever the rules, prune never deletes: the newest complete
+    checkpoint, one that is incomplete, in progress, settling or of an unknown layout, one a pointer names
+    (latest, Megatron tracker, last.ckpt, HF best_model_checkpoint), or one that is pinned. It shows the plan
+    first; on a terminal it asks before deleting (--yes skips that); without a terminal (cron) it deletes.
+    --json prints JSON Lines events: planned, deleted, skipped, error, and a final summary.
+
+    Exit codes: 0 done or nothing to do, 2 usage (no keep rule), 4 refused (--max-delete, two runs in one
+    folder), 5 some deletions failed (re-run finishes them), 6 another prune holds the run, 7 metric missing.
+
+    Examples:
+
+      ckptctl prune /data/run42 --keep-last 3
+
+      ckptctl prune s3://bucket/run42 --keep-last 2 --keep-best 3 --metric eval_loss --dry-run
+
+      ckptctl prune /data/run42 --keep-last 5 --keep-every-steps 10000 --max-delete 20 --json
+    """
+    from ckptctl.cli._output import Output
+    from ckptctl.humanize import parse_duration, parse_size
+    from ckptctl.retention.plan import execute, plan_prune
+    from ckptctl.retention.policy import Policy
+    from ckptctl.storage.location import Location, parse_storage_options
+    from ckptctl.storage.lock import run_lock
+
+    out = Output.start("prune", json_mode=json_out, quiet=quiet)
+    steps = [int(s) for s in keep_steps.split(",") if s.strip()] if keep_steps else []
+    policy = Policy.build(
+        keep_last=keep_last,
+        keep_best=keep_best,
+        metric=metric,
+        keep_every_steps=keep_every_steps,
+        keep_within_seconds=parse_duration(keep_within) if keep_within else None,
+        keep_steps=steps,
+        pinned_steps=pin or [],
+        keep_without_metric=keep_without_metric,
+    )
+    options = parse_storage_options(storage_option or [])
+    location = Location.from_url(run, options)
+    settle_seconds = parse_duration(settle)
+    limit_bytes = parse_size(max_delete_bytes) if max_delete_bytes else None
+    metrics_at = Location.from_url(metric_file, options) if metric_file else None
+
+    def make_plan() -> Any:
+        return plan_prune(
+            location,
+            policy,
+            settle_seconds=settle_seconds,
+            metric_file=metrics_at,
+            step_key=step_key,
+            max_delete=max_delete,
+            max_delete_bytes=limit_bytes,
+            check_time_order=not ignore_time_order,
+        )
+
+    if dry_run:
+        plan = make_plan()
+        _show_plan(out, plan)
+        _summary(out, plan, None, dry_run=True)
+        return
+    with run_lock(location):
+        plan = make_plan()
+        _show_plan(out, plan)
+        count = len(plan.to_delete) + len(plan.resume)
+        if count == 0:
+            _summary(out, plan, None, dry_run=False)
+            return
+        if sys.stdin.isatty():
+            from ckptctl.humanize import format_bytes
+
+            out.confirm(f"delete {count} checkpoint(s), {format_bytes(plan.bytes_to_free)}?", yes=yes)
+
+        def on_event(kind: str, unit: Any, detail: str) -> None:
+            out.event(kind, path=unit.path, step=unit.step, bytes=unit.total_bytes, detail=detail)
+            if kind == "deleted":
+                out.info(f"deleted {unit.path}")
+            elif kind in ("skipped", "error"):
+                out.warn(f"{kind} {unit.path}: {detail}")
+
+        result = execute(plan, location, settle_seconds=settle_seconds, on_event=on_event)
+        _summary(out, plan, result, dry_run=False)
+        if result.failed:
+            from ckptctl.errors import PartialFailureError
+
+            raise PartialFailureError(
+                f"{len(result.failed)} checkpoint(s) could not be fully deleted; they stay marked and a re-run "
+                "finishes them",
+                url=location.url,
+            )
+
+
+def _show_plan(out: Any, plan: Any) -> None:
+    from rich.table import Table
+
+    from ckptctl.humanize import format_bytes
+
+    for decision in plan.decisions:
+        out.event(
+            "planned",
+            path=decision.unit.path,
+            step=decision.unit.step,
+            action=decision.action,
+            reasons=list(decision.reasons),
+            bytes=decision.unit.total_bytes,
+        )
+    for unit in plan.resume:
+        out.event(
+            "planned",
+            path=unit.path,
+            step=unit.step,
+            action="delete",
+            reasons=["finishing an interrupted prune"],
+            bytes=unit.total_bytes,
+        )
+    if out.json_mode or out.quiet:
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("STEP", "ACTION", "SIZE", "STATUS", "REASONS", "PATH"):
+        table.add_column(column, justify="right" if column in ("STEP", "SIZE") else "left", overflow="fold")
+    colours = {"keep": "green", "delete": "red", "skip": "yellow"}
+    for decision in plan.decisions:
+        unit = decision.unit
+        table.add_row(
+            str(unit.step) if unit.step is not None else "-",
+            f"[{colours[decision.action]}]{decision.action}[/]",
+            format_bytes(unit.total_bytes),
+            unit.status.value,
+            ", ".join(decision.reasons),
+            unit.path or ".",
+        )
+    for unit in plan.resume:
+        table.add_row(
+            str(unit.step),
+            "[red]delete[/]",
+            format_bytes(unit.total_bytes),
+            unit.status.value,
+            "finishing an interrupted prune",
+            unit.path,
+        )
+    out.print(table)
+    for note in plan.notes:
+        out.warn(note)
+
+
+def _summary(out: Any, plan: Any, result: Any, *, dry_run: bool) -> None:
+    from ckptctl.humanize import format_bytes
+
+    kept = sum(1 for d in plan.decisions if d.action != "delete")
+    if result is None:
+        count = len(plan.to_delete) + len(plan.resume)
+        out.event(
+            "summary",
+            dry_run=dry_run,
+            kept=kept,
+            to_delete=count,
+            deleted=0,
+            freed_bytes=0,
+            bytes_to_free=plan.bytes_to_free,
+        )
+        verb = "would delete" if dry_run else "nothing to delete;"
+        text = (
+            f"{verb} {count} checkpoint(s), {format_bytes(plan.bytes_to_free)}; keeping {kept}"
+            if count
+            else (f"nothing to delete; keeping {kept}")
+        )
+        out.info(text + (" (dry run: nothing changed)" if dry_run else ""))
+        return
+    out.event(
+        "summary",
+        dry_run=False,
+        kept=kept,
+        deleted=len(result.deleted),
+        skipped=len(result.skipped),
+        failed=len(result.failed),
+        freed_bytes=result.freed_bytes,
+    )
+    out.info(
+        f"deleted {len(result.deleted)} checkpoint(s), freed {format_bytes(result.freed_bytes)}; kept {kept}"
+    )

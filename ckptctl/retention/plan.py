@@ -1,0 +1,219 @@
+"""Plan, then execute: what prune will delete and why, and a deletion order that survives ``kill -9``.
+
+``plan_prune`` scans the run and applies the policy (no change to anything). ``execute`` re-validates the
+plan against a fresh listing, writes the journal (``catalog/journal.py``: from then on the catalog reports the
+doomed units incomplete), deletes every completion marker, then the data, in batches, then the journal. A
+re-run finishes any unit an interrupted run left in the journal.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptctl.catalog.journal import JOURNAL_NAME, encode_journal
+from ckptctl.catalog.listing import unit_to_dict
+from ckptctl.catalog.model import RunScan, Status, Unit
+from ckptctl.catalog.scan import scan_run
+from ckptctl.errors import MetricSourceError, RefusedError
+from ckptctl.humanize import format_bytes
+from ckptctl.retention.metrics import load_metric_file
+from ckptctl.retention.policy import Decision, Policy, decide
+from ckptctl.storage.location import Location
+
+# Files whose presence tells a reader "this checkpoint is whole": removed first, so that a unit never looks
+# complete once its data has started to go.
+COMPLETION_MARKERS = {
+    "trainer_state.json",
+    ".metadata",
+    ".metadata.json",
+    "COMPLETED",
+    "_CHECKPOINT_METADATA",
+    "commit_success.txt",
+    "model.safetensors.index.json",
+}
+# Two runs in one folder (a restart writing checkpoint-100 next to an older run's checkpoint-500) show up as a
+# lower step written clearly later than a higher one.
+ORDER_TOLERANCE_SECONDS = 600.0
+RESUME_REASON = "finishing an interrupted prune"
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    url: str
+    policy: Policy
+    decisions: tuple[Decision, ...]
+    resume: tuple[Unit, ...]
+    """Units an interrupted prune had started deleting (named by its journal)."""
+    notes: tuple[str, ...]
+    created_at: float
+
+    @property
+    def to_delete(self) -> list[Unit]:
+        return [d.unit for d in self.decisions if d.action == "delete"]
+
+    @property
+    def bytes_to_free(self) -> int:
+        return sum(u.total_bytes for u in [*self.to_delete, *self.resume])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.url,
+            "units": [
+                {**unit_to_dict(d.unit, self.created_at), "action": d.action, "reasons": list(d.reasons)}
+                for d in self.decisions
+            ],
+            "resume": [u.path for u in self.resume],
+            "notes": list(self.notes),
+            "delete_count": len(self.to_delete) + len(self.resume),
+            "bytes_to_free": self.bytes_to_free,
+        }
+
+
+def _check_order(units: Sequence[Unit]) -> None:
+    """Rule 4: refuse when step order and time order disagree (two runs sharing one folder)."""
+    dated = sorted(
+        (u for u in units if u.status is Status.COMPLETE and u.step is not None and u.newest_mtime),
+        key=lambda u: u.step or 0,
+    )
+    latest_seen: Unit | None = None
+    for unit in dated:
+        if (
+            latest_seen
+            and (latest_seen.newest_mtime or 0) - (unit.newest_mtime or 0) > ORDER_TOLERANCE_SECONDS
+        ):
+            raise RefusedError(
+                f"step order and time order disagree: {latest_seen.path} (step {latest_seen.step}) was written "
+                f"after {unit.path} (step {unit.step}); two runs may share {posixpath.dirname(unit.path) or 'the run'}",
+                hint="prune the runs separately, or pass --ignore-time-order if the files were copied",
+            )
+        if latest_seen is None or (unit.newest_mtime or 0) >= (latest_seen.newest_mtime or 0):
+            latest_seen = unit
+
+
+def plan_prune(
+    location: Location,
+    policy: Policy,
+    *,
+    settle_seconds: float,
+    metric_file: Location | None = None,
+    step_key: str = "step",
+    max_delete: int | None = None,
+    max_delete_bytes: int | None = None,
+    check_time_order: bool = True,
+    now: float | None = None,
+) -> PrunePlan:
+    """Decide what to delete; raises RefusedError (exit 4) or MetricSourceError (exit 7), changes nothing."""
+    scan = scan_run(location, settle_seconds=settle_seconds, now=now)
+    metrics = None
+    if policy.keep_best and policy.metric:
+        if metric_file is not None:
+            metrics = load_metric_file(metric_file, policy.metric, step_key)
+        elif not any(policy.metric in u.metrics for u in scan.units):
+            looked = sorted({u.metric_source for u in scan.units if u.metric_source}) or ["nowhere"]
+            raise MetricSourceError(
+                f"no checkpoint of {location.url} has a value for {policy.metric!r} "
+                f"(looked in: {', '.join(looked)}; trainer_state.json log_history and name=value in names)",
+                hint="pass --metric-file PATH (CSV or JSON Lines) with --step-key",
+            )
+    if check_time_order:
+        _check_order(scan.units)
+    decisions = decide(scan.units, policy, metrics)
+    resume = tuple(
+        u for u in scan.units if u.status is Status.INCOMPLETE and u.reason.startswith("being deleted")
+    )
+    notes = [*scan.warnings]
+    if any(r.startswith("tie@") for d in decisions for r in d.reasons):
+        notes.append(f"ties at place {policy.keep_best} for {policy.metric}: all tied checkpoints are kept")
+    plan = PrunePlan(location.url, policy, tuple(decisions), resume, tuple(notes), scan.scanned_at)
+    count = len(plan.to_delete)
+    if max_delete is not None and count > max_delete:
+        raise RefusedError(f"the plan deletes {count} checkpoints, more than --max-delete {max_delete}")
+    if max_delete_bytes is not None and plan.bytes_to_free > max_delete_bytes:
+        raise RefusedError(
+            f"the plan frees {format_bytes(plan.bytes_to_free)}, more than --max-delete-bytes "
+            f"{format_bytes(max_delete_bytes)}"
+        )
+    return plan
+
+
+@dataclass
+class PruneResult:
+    deleted: list[Unit] = field(default_factory=list)
+    skipped: list[tuple[Unit, str]] = field(default_factory=list)
+    failed: list[tuple[Unit, list[str]]] = field(default_factory=list)
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(u.total_bytes for u in self.deleted)
+
+
+def _fingerprint(unit: Unit) -> set[tuple[str, int, float | None, str | None]]:
+    return {(f.path, f.size, f.mtime, f.etag) for f in unit.files}
+
+
+def _revalidate(plan: PrunePlan, fresh: RunScan) -> tuple[list[Unit], list[tuple[Unit, str]]]:
+    """Rule 5: a unit is deleted only if it is still complete, unreferenced and byte-for-byte as planned."""
+    now_units = {u.path: u for u in fresh.units}
+    keep: list[Unit] = []
+    skipped: list[tuple[Unit, str]] = []
+    for unit in plan.to_delete:
+        current = now_units.get(unit.path)
+        if current is None:
+            skipped.append((unit, "gone since the plan"))
+        elif current.status is not Status.COMPLETE:
+            skipped.append((unit, f"now {current.status.value}: {current.reason}"))
+        elif current.pointers:
+            skipped.append((unit, f"now named by {', '.join(current.pointers)}"))
+        elif _fingerprint(current) != _fingerprint(unit):
+            skipped.append((unit, "its files changed since the plan"))
+        else:
+            keep.append(current)
+    return keep, skipped
+
+
+def execute(
+    plan: PrunePlan,
+    location: Location,
+    *,
+    settle_seconds: float,
+    on_event: Callable[[str, Unit, str], None] | None = None,
+) -> PruneResult:
+    """Delete what the plan says, in the order that survives ``kill -9`` (journal, markers, data, journal).
+
+    The caller holds the run lock (``storage.lock.run_lock``) across ``plan_prune`` and ``execute``.
+    """
+    emit = on_event or (lambda kind, unit, detail: None)
+    result = PruneResult()
+    fresh = scan_run(location, settle_seconds=settle_seconds, require_units=False)
+    doomed, result.skipped = _revalidate(plan, fresh)
+    for unit, why in result.skipped:
+        emit("skipped", unit, why)
+    doomed += [u for u in fresh.units if u.path in {r.path for r in plan.resume}]
+    if not doomed:
+        return result
+    location.write_bytes(JOURNAL_NAME, encode_journal([u.path for u in doomed], time.time()))
+    markers = [f.path for u in doomed for f in u.files if posixpath.basename(f.path) in COMPLETION_MARKERS]
+    left = set(location.delete_files(markers))
+    data = [f.path for u in doomed for f in u.files if f.path not in set(markers)]
+    left |= set(location.delete_files(data))
+    unfinished: list[str] = []
+    for unit in doomed:
+        remaining = sorted(f.path for f in unit.files if f.path in left)
+        if remaining:
+            result.failed.append((unit, remaining))
+            unfinished.append(unit.path)
+            emit("error", unit, f"{len(remaining)} file(s) could not be deleted, e.g. {remaining[0]}")
+        else:
+            if unit.kind == "dir" and unit.path:
+                location.remove_empty_folder(unit.path)
+            result.deleted.append(unit)
+            emit("deleted", unit, "")
+    if unfinished:
+        location.write_bytes(JOURNAL_NAME, encode_journal(unfinished, time.time()))
+    else:
+        location.delete_files([JOURNAL_NAME])
+    return result

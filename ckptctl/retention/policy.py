@@ -1,0 +1,179 @@
+"""Which checkpoints to keep: the union of every rule given, with the reasons. Pure: no I/O.
+
+The safety rules live here, where hypothesis can prove them (tests/retention/test_policy_properties.py): only
+``complete`` units with a step are ever counted or deleted; the newest complete unit, every unit a pointer or a
+link names, pinned units and the best M by the metric (ties at the M-th place included) are always kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ckptctl.catalog.model import Status, Unit
+from ckptctl.errors import UsageError
+
+PIN_FILE = ".ckptctl-keep"
+Action = Literal["keep", "delete", "skip"]
+
+
+@dataclass(frozen=True)
+class Policy:
+    keep_last: int | None = None
+    keep_best: int | None = None
+    metric: str | None = None
+    mode: Literal["min", "max"] | None = None
+    keep_every_steps: int | None = None
+    keep_within_seconds: float | None = None
+    keep_steps: frozenset[int] = frozenset()
+    pinned_steps: frozenset[int] = frozenset()
+    keep_without_metric: bool = True
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        metric: str | None = None,
+        keep_every_steps: int | None = None,
+        keep_within_seconds: float | None = None,
+        keep_steps: Sequence[int] = (),
+        pinned_steps: Sequence[int] = (),
+        keep_without_metric: bool = True,
+    ) -> Policy:
+        """Validate a policy as the user spelled it; rule 1: no keep rule, no deletion."""
+        if keep_last is not None and keep_last < 1:
+            raise UsageError("--keep-last must be at least 1 (--keep-last 0 would delete every checkpoint)")
+        if keep_best is not None and keep_best < 1:
+            raise UsageError("--keep-best must be at least 1")
+        if keep_every_steps is not None and keep_every_steps < 1:
+            raise UsageError("--keep-every-steps must be at least 1")
+        mode: Literal["min", "max"] | None = None
+        name = metric
+        if metric:
+            name, _, spelled = metric.partition(":")
+            if spelled in ("min", "max"):
+                mode = spelled  # type: ignore[assignment]
+            elif spelled:
+                raise UsageError(f"--metric {metric}: the mode after ':' must be min or max")
+            elif name.endswith("loss"):
+                mode = "min"
+            else:
+                raise UsageError(
+                    f"--metric {name}: say whether higher or lower is better ({name}:max or {name}:min); "
+                    "only names ending in 'loss' default to min"
+                )
+        if keep_best is not None and not name:
+            raise UsageError("--keep-best needs --metric NAME[:min|max]")
+        policy = cls(
+            keep_last=keep_last,
+            keep_best=keep_best,
+            metric=name or None,
+            mode=mode,
+            keep_every_steps=keep_every_steps,
+            keep_within_seconds=keep_within_seconds,
+            keep_steps=frozenset(keep_steps),
+            pinned_steps=frozenset(pinned_steps),
+            keep_without_metric=keep_without_metric,
+        )
+        if not policy.has_rule:
+            raise UsageError(
+                "prune needs at least one keep rule (--keep-last, --keep-best, --keep-every-steps, "
+                "--keep-within, --keep-steps): with no rule nothing is deleted"
+            )
+        return policy
+
+    @property
+    def has_rule(self) -> bool:
+        return any(
+            (self.keep_last, self.keep_best, self.keep_every_steps, self.keep_within_seconds, self.keep_steps)
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    unit: Unit
+    action: Action
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+
+def is_pinned(unit: Unit) -> bool:
+    return any(f.path.rsplit("/", 1)[-1] == PIN_FILE for f in unit.files)
+
+
+def _rank_value(value: float, mode: str) -> float:
+    """Sort key where smaller is better; NaN and infinities rank worst whatever the mode."""
+    if math.isnan(value) or math.isinf(value):
+        return math.inf
+    return value if mode == "min" else -value
+
+
+def decide(
+    units: Sequence[Unit], policy: Policy, metrics: Mapping[int, float] | None = None
+) -> list[Decision]:
+    """Keep, delete or skip each unit, with every reason that applies.
+
+    ``metrics`` maps step -> value from an explicit metric file; otherwise each unit's own ``metrics`` (HF
+    trainer_state.json, ``name=value`` in its name) are used. ``skip`` means "not ours to judge" (not complete,
+    no step): kept and never counted.
+    """
+    reasons: dict[str, list[str]] = {u.path: [] for u in units}
+    countable = [u for u in units if u.status is Status.COMPLETE and u.step is not None]
+    newest_first = sorted(countable, key=lambda u: (u.step or 0, u.newest_mtime or 0), reverse=True)
+
+    if newest_first:
+        reasons[newest_first[0].path].append("newest")
+    if policy.keep_last:
+        for rank, unit in enumerate(newest_first[: policy.keep_last], start=1):
+            reasons[unit.path].append(f"latest#{rank}")
+    if policy.keep_best and policy.metric and policy.mode:
+        scored: list[tuple[float, Unit, float]] = []
+        for unit in newest_first:
+            value = metrics.get(unit.step or -1) if metrics is not None else unit.metrics.get(policy.metric)
+            if value is None:
+                if policy.keep_without_metric:
+                    reasons[unit.path].append("no-metric")
+                continue
+            scored.append((_rank_value(value, policy.mode), unit, value))
+        # Among equal values the older checkpoint ranks first, as HF Trainer and Lightning do.
+        scored.sort(key=lambda item: (item[0], item[1].step or 0))
+        if scored:
+            cutoff = scored[min(policy.keep_best, len(scored)) - 1][0]
+            for rank, (key, unit, value) in enumerate(scored, start=1):
+                if rank <= policy.keep_best:
+                    reasons[unit.path].append(f"best#{rank} {policy.metric}={value:.4g}")
+                elif key == cutoff and not math.isinf(key):
+                    reasons[unit.path].append(f"tie@{policy.keep_best} {policy.metric}={value:.4g}")
+    if policy.keep_every_steps:
+        for unit in countable:
+            if (unit.step or 0) % policy.keep_every_steps == 0:
+                reasons[unit.path].append(f"every-{policy.keep_every_steps}")
+    if policy.keep_within_seconds is not None and newest_first:
+        # Relative to the newest checkpoint, not the wall clock (the cron box's clock is not the trainer's).
+        anchor = max((u.newest_mtime or 0) for u in countable)
+        for unit in countable:
+            if unit.newest_mtime is not None and anchor - unit.newest_mtime <= policy.keep_within_seconds:
+                reasons[unit.path].append("within")
+    for unit in countable:
+        if unit.step in policy.keep_steps:
+            reasons[unit.path].append("listed")
+        if unit.step in policy.pinned_steps or is_pinned(unit):
+            reasons[unit.path].append("pinned")
+        for pointer in unit.pointers:
+            reasons[unit.path].append(f"ref:{pointer}")
+
+    decisions = []
+    for unit in units:
+        if unit.status is not Status.COMPLETE:
+            decisions.append(Decision(unit, "skip", (f"{unit.status.value}: {unit.reason}",)))
+        elif unit.step is None:
+            refs = tuple(f"ref:{p}" for p in unit.pointers)
+            decisions.append(Decision(unit, "skip", ("no step in its name", *refs)))
+        elif reasons[unit.path]:
+            decisions.append(Decision(unit, "keep", tuple(reasons[unit.path])))
+        else:
+            decisions.append(Decision(unit, "delete", ("not kept by any rule",)))
+    return decisions
