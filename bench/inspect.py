@@ -10,7 +10,6 @@ start, no torch import; over S3 ≤ 3 requests and ≤ 64 KiB per file when the 
 Usage: python bench/inspect.py [LAYERS]   (default 34 layers of hidden 1024: ~1.05 GB, 309 tensors)
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
 
 import sys

@@ -8,6 +8,12 @@ Usage: python bench/list.py [UNITS] [FILES_PER_UNIT]
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, bench/ is sys.path[0], where bench/inspect.py would shadow the standard library's inspect.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import json
 import os
 import re
@@ -17,13 +23,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 from tests.conftest import start_moto
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP')
 
 
@@ -32,14 +38,17 @@ def count_requests(log: Path, start: int) -> Counter[str]:
     kinds: Counter[str] = Counter()
     with log.open("rb") as handle:
         handle.seek(start)
-        for line in handle.read().decode(errors="replace").splitlines():
+        text = _ANSI.sub("", handle.read().decode(errors="replace"))  # moto colours non-200 lines
+        for line in text.splitlines():
             found = _REQUEST.search(line)
             if not found:
                 continue
             method, target = found.groups()
-            kinds[
-                "LIST" if method == "GET" and ("list-type" in target or "prefix=" in target) else method
-            ] += 1
+            if method == "GET" and ("list-type" in target or "prefix=" in target):
+                method = "LIST"
+            elif method == "POST" and "delete" in target:
+                method = "DeleteObjects"
+            kinds[method] += 1
     return kinds
 
 

@@ -197,9 +197,12 @@ def execute(
         return result
     location.write_bytes(JOURNAL_NAME, encode_journal([u.path for u in doomed], time.time()))
     markers = [f.path for u in doomed for f in u.files if posixpath.basename(f.path) in COMPLETION_MARKERS]
-    left = set(location.delete_files(markers))
-    data = [f.path for u in doomed for f in u.files if f.path not in set(markers)]
-    left |= set(location.delete_files(data))
+    location.delete_files(markers, verify=False)
+    marker_set = set(markers)
+    data = [f.path for u in doomed for f in u.files if f.path not in marker_set]
+    # One verifying listing for both batches: what is still there failed, marker or data.
+    location.delete_files(data, verify=False)
+    left = set(location.still_present(markers + data))
     unfinished: list[str] = []
     for unit in doomed:
         remaining = sorted(f.path for f in unit.files if f.path in left)
@@ -215,5 +218,5 @@ def execute(
     if unfinished:
         location.write_bytes(JOURNAL_NAME, encode_journal(unfinished, time.time()))
     else:
-        location.delete_files([JOURNAL_NAME])
+        location.delete_files([JOURNAL_NAME], verify=False)
     return result

@@ -405,12 +405,13 @@ class Location:
         with self.errors(rel):
             self.fs.pipe_file(self.full_path(rel), data)
 
-    def delete_files(self, rels: list[str], *, batch_size: int = 1000) -> list[str]:
+    def delete_files(self, rels: list[str], *, batch_size: int = 1000, verify: bool = True) -> list[str]:
         """Delete files (never folders recursively) and return the ones that are still there afterwards.
 
         Object stores get batched deletes (S3 DeleteObjects takes 1,000 keys a request). Because s3fs and gcsfs
         drop per-key errors, success is not taken on trust: what is left is re-listed and returned, so a caller
-        can report a partial deletion instead of a silent one. Empty local folders left behind are removed.
+        can report a partial deletion instead of a silent one (``verify=False`` skips that listing for a caller
+        that verifies a larger batch itself, and returns []). Empty local folders left behind are removed.
         """
         if not rels:
             return []
@@ -421,9 +422,12 @@ class Location:
             for start in range(0, len(paths), batch_size):
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm(paths[start : start + batch_size])
-        return self._still_present(rels)
+        return self.still_present(rels) if verify else []
 
-    def _still_present(self, rels: list[str]) -> list[str]:
+    def still_present(self, rels: list[str]) -> list[str]:
+        """Which of ``rels`` exist now, by one fresh listing (local disks: a stat each)."""
+        if self.is_local:
+            return [rel for rel in rels if os.path.lexists(self.full_path(rel))]
         wanted = set(rels)
         with self.errors():
             self.fs.invalidate_cache(self.root)
