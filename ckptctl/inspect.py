@@ -50,9 +50,12 @@ def _unit_location(run: Location, step: int | None) -> Location:
     scan = scan_run(run, settle_seconds=0)
     units = [u for u in scan.recognised if step is None or u.step == step]
     if step is None:
+        # "Latest" is what a resume would load: the unit `latest` names, else the newest complete one (a
+        # half-written newer save is not it), else the newest of any status.
         pointed = [u for u in units if "latest" in u.pointers]
         stepped = sorted((u for u in units if u.step is not None), key=lambda u: u.step or 0)
-        units = pointed or stepped[-1:]
+        complete = [u for u in stepped if u.is_complete]
+        units = pointed or complete[-1:] or stepped[-1:]
     if not units:
         what = f"step {step}" if step is not None else "a latest checkpoint"
         raise NotFoundError(f"no checkpoint with {what} in {run.url}", url=run.url)

@@ -331,3 +331,11 @@ def test_object_store_header_reads_are_ranged_and_few(
     assert source.requests == 2 and source.bytes_fetched < TORCH.stat().st_size
     result = run_cli("inspect", f"{store.url}/run/model.pt", "--json", *store.cli_options)
     assert result.returncode == 0 and json.loads(result.stdout)["data"]["totals"]["tensors"] == 49
+
+
+def test_latest_skips_a_half_written_newer_save(tmp_path: Path) -> None:
+    from ckptctl.example import write_example_run
+
+    run = write_example_run(tmp_path / "run")
+    code, payload = inspect_json(str(run), "--latest")
+    assert code == 0 and payload["data"]["url"].endswith("checkpoint-500")
