@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ckptctl import __version__
+from ckptctl.cli.commands.consolidate import consolidate
 from ckptctl.cli.commands.example import example
 from ckptctl.cli.commands.inspect import inspect_checkpoint
 from ckptctl.cli.commands.list_checkpoints import list_checkpoints
@@ -50,6 +51,7 @@ app.command("list")(list_checkpoints)
 app.command("example")(example)
 app.command("prune")(prune)
 app.command("inspect")(inspect_checkpoint)
+app.command("consolidate")(consolidate)
 
 
 def main() -> None:

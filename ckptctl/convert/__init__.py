@@ -1,0 +1,1 @@
+"""Conversions that write new checkpoint files: ZeRO shards to safetensors."""

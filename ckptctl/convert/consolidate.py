@@ -1,0 +1,431 @@
+"""DeepSpeed ZeRO shards -> one safetensors file, as DeepSpeed's ``zero_to_fp32`` builds it, without DeepSpeed or
+torch, reading only the fp32 master ranges (never the Adam moments) and writing each tensor as it is assembled.
+
+The format and ``zero_to_fp32``'s algorithm are in ``shared/fixtures/zero/README.md``. Output order as
+``zero_to_fp32``: persistent buffers, frozen parameters, trainable parameters (tied aliases are recorded in the
+header's ``__metadata__`` instead of being written twice, unless ``keep_tied``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ckptctl.convert.safetensors_writer import PlannedTensor, SafetensorsStream
+from ckptctl.errors import IntegrityError, NotFoundError, RefusedError, UsageError
+from ckptctl.formats.model import DTYPE_BITS
+from ckptctl.formats.source import FileSource
+from ckptctl.formats.torch_zip import TensorRecord, TorchArchive, read_torch_archive
+from ckptctl.storage.atomic import atomic_local_file
+from ckptctl.storage.location import FileEntry, Location
+
+_OPTIM = re.compile(r"^(?P<bf16>bf16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
+_MODEL_Z3 = re.compile(r"^zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_model_states\.pt$")
+_FLOATS = {"float32", "float16", "bfloat16", "float64"}
+OUTPUT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes [start, end) of one file of the tag."""
+
+    rel: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    name: str
+    dtype: str
+    """The dtype of the bytes in the pieces."""
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+    """Concatenated, then cut to the tensor's size (ZeRO-3 partitions are padded)."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ConsolidationPlan:
+    tag: str
+    stage: int
+    world_size: int
+    tensors: list[SourceTensor]
+    aliases: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def find_tag(location: Location, entries: Sequence[FileEntry], tag: str | None) -> str:
+    """The tag folder (relative to ``location``): ``tag``, or the one ``latest`` names, or ``location`` itself."""
+    names = {e.path for e in entries if e.type == "file"}
+    if tag is not None:
+        if not any(n.startswith(f"{tag}/") for n in names):
+            raise NotFoundError(f"no tag {tag!r} in {location.url}", url=location.url)
+        return tag
+    if any("/" not in n and n.endswith("model_states.pt") for n in names):
+        return ""
+    if "latest" in names:
+        named = location.read_bytes("latest").decode(errors="replace").strip()
+        if not any(n.startswith(f"{named}/") for n in names):
+            raise IntegrityError(
+                f"{location.url_of('latest')} names tag {named!r}, which is not in {location.url}",
+                url=location.url,
+            )
+        return named
+    tags = sorted({n.split("/", 1)[0] for n in names if "/" in n and n.endswith("model_states.pt")})
+    if len(tags) == 1:
+        return tags[0]
+    raise NotFoundError(
+        f"{location.url} is not a DeepSpeed checkpoint (no *_model_states.pt, no latest)"
+        if not tags
+        else f"{location.url} has several tags ({', '.join(tags)}) and no latest file",
+        url=location.url,
+        hint=None if not tags else "pass --tag",
+    )
+
+
+def _archive(location: Location, rel: str, sizes: dict[str, int]) -> TorchArchive:
+    return read_torch_archive(FileSource(location, rel, sizes[rel]))
+
+
+def _records(archive: TorchArchive) -> dict[tuple[Any, ...], TensorRecord]:
+    return {record.path: record for record in archive.tensors}
+
+
+def _contiguous(record: TensorRecord) -> bool:
+    expected, stride = 1, []
+    for dim in reversed(record.shape):
+        stride.append(expected)
+        expected *= dim
+    return tuple(reversed(stride)) == record.stride or record.numel <= 1
+
+
+def _range(archive: TorchArchive, record: TensorRecord, first: int, count: int) -> Piece:
+    """Elements [first, first + count) of a contiguous tensor, as a byte range of its file."""
+    if not _contiguous(record):
+        raise IntegrityError(f"{archive.source.name}: tensor {record.name} is not contiguous")
+    start = archive.tensor_byte_offset(record) + first * record.itemsize
+    return Piece(archive.source.rel, start, start + count * record.itemsize)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in value)
+
+
+def plan_consolidation(
+    location: Location, *, tag: str | None = None, exclude_frozen: bool = False
+) -> ConsolidationPlan:
+    """Find every tensor's bytes in the shards, reading only headers and pickles (no tensor data)."""
+    entries = location.walk()
+    tag_rel = find_tag(location, entries, tag)
+    prefix = f"{tag_rel}/" if tag_rel else ""
+    sizes = {e.path: e.size for e in entries if e.type == "file"}
+    here = sorted(
+        (p[len(prefix) :] for p in sizes if p.startswith(prefix) and "/" not in p[len(prefix) :]),
+        key=_natural,
+    )
+    optim = [n for n in here if _OPTIM.match(n)]
+    models = [n for n in here if n.endswith("model_states.pt")]
+    if not models:
+        raise NotFoundError(
+            f"{location.url_of(tag_rel)} is not a DeepSpeed checkpoint tag (no *_model_states.pt)"
+        )
+    if not optim:
+        raise IntegrityError(f"{location.url_of(tag_rel)}: no ZeRO optimizer files (*_optim_states.pt)")
+    model0 = _archive(location, prefix + models[0], sizes)
+    state = model0.obj if isinstance(model0.obj, dict) else {}
+    world = int(state.get("dp_world_size") or 0) or len(optim)
+    ranks = sorted(int(_OPTIM.match(n).group("dp")) for n in optim)  # type: ignore[union-attr]
+    bf16 = optim[0].startswith("bf16_")
+    expected = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    missing = [name for name in expected if name not in here]
+    if missing or ranks != list(range(len(ranks))) or len(ranks) != world:
+        raise IntegrityError(
+            f"{location.url_of(tag_rel)}: missing rank file(s) {', '.join(missing) or '?'} "
+            f"(expected world size {world}, found ranks {ranks})",
+            url=location.url,
+        )
+    optims = [_archive(location, prefix + name, sizes) for name in expected]
+    osd = [a.obj.get("optimizer_state_dict", {}) if isinstance(a.obj, dict) else {} for a in optims]
+    stage3 = "fp32_flat_groups" in osd[0]
+    partition = osd[0].get("partition_count")
+    count = max(partition) if isinstance(partition, list) else int(partition or world)
+    if count != world:
+        raise IntegrityError(
+            f"{location.url_of(tag_rel)}: optimizer files were written by {count} ranks, the model states say {world}"
+        )
+    param_shapes = [{k: _shape(v) for k, v in group.items()} for group in state.get("param_shapes") or []]
+    plan = ConsolidationPlan(tag_rel or posixpath.basename(location.root), 3 if stage3 else 2, world, [], {})
+    module = state.get("module") or {}
+    model_records = _records(model0)
+    # 1. persistent buffers, full tensors in the model states
+    for name in state.get("buffer_names") or []:
+        record = model_records.get(("module", name))
+        if record is None:
+            continue
+        plan.tensors.append(
+            SourceTensor(name, record.dtype, record.shape, (_range(model0, record, 0, record.numel),))
+        )
+    # 2. frozen parameters
+    frozen_shapes = state.get("frozen_param_shapes")
+    if frozen_shapes is None:
+        trainable = {n for g in param_shapes for n in g}
+        known = trainable | set(state.get("buffer_names") or []) | set(state.get("shared_params") or {})
+        dropped = [n for n in module if n not in known]
+        if dropped and not exclude_frozen:
+            plan.warnings.append(
+                f"this checkpoint does not store frozen parameters (ZeRO stage 1, or saved with "
+                f"exclude_frozen_parameters): {len(dropped)} are not in the output ({', '.join(dropped[:3])}...)"
+            )
+    elif not exclude_frozen:
+        plan.tensors += _frozen(
+            location,
+            prefix,
+            here,
+            sizes,
+            model0,
+            {k: _shape(v) for k, v in frozen_shapes.items()},
+            world,
+            stage3,
+        )
+    # 3. trainable parameters from the fp32 masters
+    if stage3:
+        plan.tensors += _stage3(optims, param_shapes, world)
+    else:
+        plan.tensors += _stage12(optims, osd, param_shapes)
+    plan.aliases = {str(k): str(v) for k, v in (state.get("shared_params") or {}).items()}
+    if not stage3:
+        zero_stage = osd[0].get("zero_stage")
+        plan.stage = 1 if "1" in repr(zero_stage) and "2" not in repr(zero_stage) else plan.stage
+    return plan
+
+
+def _frozen(
+    location: Location,
+    prefix: str,
+    here: list[str],
+    sizes: dict[str, int],
+    model0: TorchArchive,
+    shapes: dict[str, tuple[int, ...]],
+    world: int,
+    stage3: bool,
+) -> list[SourceTensor]:
+    if not stage3:
+        records = _records(model0)
+        out = []
+        for name, shape in shapes.items():
+            record = records[("frozen_param_fragments", name)]
+            out.append(SourceTensor(name, record.dtype, shape, (_range(model0, record, 0, record.numel),)))
+        return out
+    models = sorted((n for n in here if _MODEL_Z3.match(n)), key=_natural)
+    if len(models) != world:
+        raise IntegrityError(f"expected {world} ZeRO-3 model state files, found {len(models)}")
+    archives = [
+        model0 if prefix + n == model0.source.rel else _archive(location, prefix + n, sizes) for n in models
+    ]
+    by_rank = [_records(a) for a in archives]
+    out = []
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        part = math.ceil(numel / world)
+        pieces = []
+        for archive, records in zip(archives, by_rank, strict=True):
+            record = records[("frozen_param_fragments", name)]
+            pieces.append(_range(archive, record, 0, min(part, record.numel)))
+        out.append(
+            SourceTensor(name, by_rank[0][("frozen_param_fragments", name)].dtype, shape, tuple(pieces))
+        )
+    return out
+
+
+def _stage12(
+    optims: list[TorchArchive], osd: list[dict[str, Any]], param_shapes: list[dict[str, tuple[int, ...]]]
+) -> list[SourceTensor]:
+    out = []
+    for g, shapes in enumerate(param_shapes):
+        parts = []
+        for archive in optims:
+            record = _records(archive)[("optimizer_state_dict", "single_partition_of_fp32_groups", g)]
+            parts.append((archive, record))
+        paddings = osd[0].get("param_alignment_paddings")
+        pads = paddings[g] if isinstance(paddings, list) and g < len(paddings) else [0] * len(shapes)
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            numel = math.prod(shape)
+            out.append(SourceTensor(name, "float32", shape, tuple(_span(parts, offset, numel))))
+            offset += numel + (pads[i] if i < len(pads) else 0)
+    return out
+
+
+def _span(parts: list[tuple[TorchArchive, TensorRecord]], first: int, count: int) -> list[Piece]:
+    """Elements [first, first + count) of the concatenation of the ranks' partitions."""
+    pieces, start = [], 0
+    for archive, record in parts:
+        end = start + record.numel
+        lo, hi = max(first, start), min(first + count, end)
+        if lo < hi:
+            pieces.append(_range(archive, record, lo - start, hi - lo))
+        start = end
+    if sum(p.end - p.start for p in pieces) != count * 4:
+        raise IntegrityError(
+            f"the fp32 partitions hold fewer elements than the parameter shapes need ({first + count})"
+        )
+    return pieces
+
+
+def _stage3(
+    optims: list[TorchArchive], param_shapes: list[dict[str, tuple[int, ...]]], world: int
+) -> list[SourceTensor]:
+    out = []
+    for s, shapes in enumerate(param_shapes):
+        flats = [(a, _records(a)[("optimizer_state_dict", "fp32_flat_groups", s)]) for a in optims]
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            part = math.ceil(numel / world)
+            pieces = [_range(archive, record, offset, part) for archive, record in flats]
+            out.append(SourceTensor(name, "float32", shape, tuple(pieces)))
+            offset += part
+    return out
+
+
+def _to_numpy(data: bytes, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(data, dtype=np.dtype(_NUMPY[dtype]).newbyteorder("<"))
+
+
+_NUMPY = {
+    "float32": "f4",
+    "float16": "f2",
+    "float64": "f8",
+    "int64": "i8",
+    "int32": "i4",
+    "int16": "i2",
+    "int8": "i1",
+    "uint8": "u1",
+    "bool": "?",
+}
+
+
+def cast(data: bytes, source: str, target: str) -> bytes:
+    """Convert raw little-endian bytes between dtypes; float -> bf16 rounds to nearest even like torch."""
+    if source == target:
+        return data
+    values = _to_numpy(data, source).astype(np.float32)
+    if target == "float32":
+        return values.astype("<f4").tobytes()
+    if target == "float16":
+        return values.astype("<f2").tobytes()
+    if target == "bfloat16":
+        bits = values.view(np.uint32)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        nan = np.isnan(values)
+        rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
+        return rounded.astype("<u2").tobytes()
+    raise UsageError(f"unsupported output dtype {target}")
+
+
+@dataclass(frozen=True)
+class ConsolidationResult:
+    output: str
+    tensors: int
+    parameters: int
+    bytes_written: int
+    seconds: float
+    stage: int
+    world_size: int
+    aliases: dict[str, str]
+    warnings: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.output,
+            "tensors": self.tensors,
+            "parameters": self.parameters,
+            "bytes": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "zero_stage": self.stage,
+            "world_size": self.world_size,
+            "aliases": self.aliases,
+            "warnings": list(self.warnings),
+        }
+
+
+def consolidate(
+    src: Location,
+    out_path: str,
+    *,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    exclude_frozen: bool = False,
+    keep_tied: bool = False,
+    force: bool = False,
+) -> ConsolidationResult:
+    """Write ``out_path`` (a local .safetensors file) from the ZeRO checkpoint at ``src``, atomically."""
+    import os
+
+    started = time.perf_counter()
+    if dtype not in OUTPUT_DTYPES:
+        raise UsageError(f"--dtype takes {', '.join(OUTPUT_DTYPES)}; got {dtype!r}")
+    if "://" in out_path and not out_path.startswith("file://"):
+        raise UsageError("OUT must be a local path for now (write locally, then `ckptctl tier` it)")
+    if os.path.isdir(out_path):
+        out_path = os.path.join(out_path, "model.safetensors")
+    if os.path.exists(out_path) and not force:
+        raise RefusedError(f"{out_path} exists; pass --force to replace it")
+    plan = plan_consolidation(src, tag=tag, exclude_frozen=exclude_frozen)
+    target = OUTPUT_DTYPES[dtype]
+    names = {t.name for t in plan.tensors}
+    order = list(plan.tensors)
+    if keep_tied:
+        by_name = {t.name: t for t in plan.tensors}
+        order += [
+            SourceTensor(alias, by_name[owner].dtype, by_name[owner].shape, by_name[owner].pieces)
+            for alias, owner in plan.aliases.items()
+            if owner in by_name and alias not in names
+        ]
+    planned = [PlannedTensor(t.name, target if t.dtype in _FLOATS else t.dtype, t.shape) for t in order]
+    metadata = {"format": "pt"}
+    if plan.aliases and not keep_tied:
+        metadata["tied_aliases"] = json.dumps(plan.aliases, sort_keys=True)
+    written = 0
+    with atomic_local_file(out_path) as handle:
+        stream = SafetensorsStream(handle, planned, metadata)
+        for tensor, out in zip(order, planned, strict=True):
+            itemsize = DTYPE_BITS[tensor.dtype] // 8
+            raw = b"".join(src.read_range(p.rel, p.start, p.end) for p in tensor.pieces)[
+                : tensor.numel * itemsize
+            ]
+            if len(raw) != tensor.numel * itemsize:
+                raise IntegrityError(f"{src.url}: {tensor.pieces[0].rel} is truncated (tensor {tensor.name})")
+            data = cast(raw, tensor.dtype, out.dtype)
+            stream.write(out.name, data)
+            written += len(data)
+        stream.close()
+    return ConsolidationResult(
+        output=out_path,
+        tensors=len(planned),
+        parameters=sum(math.prod(t.shape) for t in planned),
+        bytes_written=written,
+        seconds=time.perf_counter() - started,
+        stage=plan.stage,
+        world_size=plan.world_size,
+        aliases=plan.aliases,
+        warnings=tuple(plan.warnings),
+    )
