@@ -13,7 +13,7 @@ import math
 import posixpath
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -367,6 +367,33 @@ class ConsolidationResult:
         }
 
 
+MODEL_CONFIG_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def _shards(tensors: list[PlannedTensor], max_bytes: int | None) -> list[list[int]]:
+    """Indexes of ``tensors`` per output file: greedy in order, a new file when the next tensor would overflow."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for index, tensor in enumerate(tensors):
+        if max_bytes is not None and groups[-1] and size + tensor.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(index)
+        size += tensor.nbytes
+    return groups
+
+
 def consolidate(
     src: Location,
     out_path: str,
@@ -376,8 +403,15 @@ def consolidate(
     exclude_frozen: bool = False,
     keep_tied: bool = False,
     force: bool = False,
+    max_shard_bytes: int | None = None,
+    copy_configs: bool = True,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> ConsolidationResult:
-    """Write ``out_path`` (a local .safetensors file) from the ZeRO checkpoint at ``src``, atomically."""
+    """Write ``out_path`` (a local .safetensors file, or a folder) from the ZeRO checkpoint at ``src``.
+
+    Each output file appears under its name only when complete (temp + rename); with ``max_shard_bytes`` the HF
+    layout is written, shards first and ``model.safetensors.index.json`` last. ``on_bytes(n)`` reports progress.
+    """
     import os
 
     started = time.perf_counter()
@@ -385,11 +419,18 @@ def consolidate(
         raise UsageError(f"--dtype takes {', '.join(OUTPUT_DTYPES)}; got {dtype!r}")
     if "://" in out_path and not out_path.startswith("file://"):
         raise UsageError("OUT must be a local path for now (write locally, then `ckptctl tier` it)")
-    if os.path.isdir(out_path):
-        out_path = os.path.join(out_path, "model.safetensors")
-    if os.path.exists(out_path) and not force:
-        raise RefusedError(f"{out_path} exists; pass --force to replace it")
+    if os.path.isdir(out_path) or out_path.endswith("/") or max_shard_bytes is not None:
+        folder = out_path
+        final = os.path.join(
+            folder, "model.safetensors.index.json" if max_shard_bytes else "model.safetensors"
+        )
+    else:
+        folder = os.path.dirname(os.path.abspath(out_path))
+        final = out_path
+    if os.path.exists(final) and not force:
+        raise RefusedError(f"{final} exists; pass --force to replace it")
     plan = plan_consolidation(src, tag=tag, exclude_frozen=exclude_frozen)
+    os.makedirs(folder, exist_ok=True)
     target = OUTPUT_DTYPES[dtype]
     names = {t.name for t in plan.tensors}
     order = list(plan.tensors)
@@ -404,22 +445,44 @@ def consolidate(
     metadata = {"format": "pt"}
     if plan.aliases and not keep_tied:
         metadata["tied_aliases"] = json.dumps(plan.aliases, sort_keys=True)
+    groups = _shards(planned, max_shard_bytes)
+    files = (
+        [final]
+        if max_shard_bytes is None
+        else [
+            os.path.join(folder, f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors")
+            for i in range(len(groups))
+        ]
+    )
     written = 0
-    with atomic_local_file(out_path) as handle:
-        stream = SafetensorsStream(handle, planned, metadata)
-        for tensor, out in zip(order, planned, strict=True):
-            itemsize = DTYPE_BITS[tensor.dtype] // 8
-            raw = b"".join(src.read_range(p.rel, p.start, p.end) for p in tensor.pieces)[
-                : tensor.numel * itemsize
-            ]
-            if len(raw) != tensor.numel * itemsize:
-                raise IntegrityError(f"{src.url}: {tensor.pieces[0].rel} is truncated (tensor {tensor.name})")
-            data = cast(raw, tensor.dtype, out.dtype)
-            stream.write(out.name, data)
-            written += len(data)
-        stream.close()
+    weight_map: dict[str, str] = {}
+    for path, group in zip(files, groups, strict=True):
+        with atomic_local_file(path) as handle:
+            stream = SafetensorsStream(handle, [planned[i] for i in group], metadata)
+            for index in group:
+                tensor, out = order[index], planned[index]
+                size = tensor.numel * (DTYPE_BITS[tensor.dtype] // 8)
+                raw = b"".join(src.read_range(p.rel, p.start, p.end) for p in tensor.pieces)[:size]
+                if len(raw) != size:
+                    raise IntegrityError(
+                        f"{src.url}: {tensor.pieces[0].rel} is truncated (tensor {tensor.name})"
+                    )
+                data = cast(raw, tensor.dtype, out.dtype)
+                stream.write(out.name, data)
+                written += len(data)
+                weight_map[out.name] = os.path.basename(path)
+                if on_bytes is not None:
+                    on_bytes(len(data))
+            stream.close()
+    if max_shard_bytes is not None:
+        index_data = {"metadata": {"total_size": written}, "weight_map": weight_map}
+        with atomic_local_file(final) as handle:
+            handle.write(json.dumps(index_data, indent=2).encode())
+    copied = _copy_configs(src, folder) if copy_configs else []
+    if copied:
+        plan.warnings.append(f"copied {', '.join(copied)} beside the output")
     return ConsolidationResult(
-        output=out_path,
+        output=final,
         tensors=len(planned),
         parameters=sum(math.prod(t.shape) for t in planned),
         bytes_written=written,
@@ -429,3 +492,20 @@ def consolidate(
         aliases=plan.aliases,
         warnings=tuple(plan.warnings),
     )
+
+
+def _copy_configs(src: Location, folder: str) -> list[str]:
+    """Model config and tokenizer files found beside SRC (HF Trainer and open-instruct save them there), copied
+    next to the output so it loads with ``from_pretrained``. Existing files are left alone."""
+    import os
+
+    from ckptctl.storage.atomic import atomic_write_local
+
+    copied = []
+    for name in MODEL_CONFIG_FILES:
+        target = os.path.join(folder, name)
+        if os.path.exists(target) or not src.exists(name):
+            continue
+        atomic_write_local(target, src.read_bytes(name))
+        copied.append(name)
+    return copied

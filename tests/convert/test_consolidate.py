@@ -171,3 +171,24 @@ def test_source_on_an_object_store(backend, tmp_path: Path, shared_fixtures: Pat
     assert result.returncode == 0, result.stderr
     reference = json.loads((ZERO / "z3-fp32-ws3" / "reference" / "tensors.json").read_text())["tensors"]
     assert [h for *_, h in read_output(out)[1]] == [t["sha256"] for t in reference if not t.get("alias_of")]
+
+
+def test_hf_shards_and_configs(tmp_path: Path, shared_fixtures: Path) -> None:
+    """An HF Trainer checkpoint-N holding a DeepSpeed save: shards + index, config.json copied beside them."""
+    from safetensors.numpy import load_file
+
+    unit = tmp_path / "checkpoint-3"
+    shutil.copytree(ZERO / "z2-bf16-untied" / "checkpoint", unit)
+    (unit / "config.json").write_text('{"model_type": "toy"}')
+    out = tmp_path / "model"
+    result = run_cli("consolidate", str(unit), str(out), "--max-shard-size", "1KB", "--json")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
+    merged: dict[str, object] = {}
+    for shard in shards:
+        merged.update(load_file(str(out / shard)))
+    reference = json.loads((ZERO / "z2-bf16-untied" / "reference" / "tensors.json").read_text())["tensors"]
+    assert set(merged) == {t["name"] for t in reference} == set(index["weight_map"])
+    assert (out / "config.json").read_text() == '{"model_type": "toy"}'

@@ -40,6 +40,21 @@ def consolidate(
         ),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-shard-size",
+            metavar="SIZE",
+            help="Write HF shards (model-0000i-of-0000N.safetensors + index) of at most SIZE, e.g. 5GB; OUT is a folder.",
+        ),
+    ] = None,
+    copy_configs: Annotated[
+        bool,
+        typer.Option(
+            "--copy-configs/--no-copy-configs",
+            help="Copy config.json and tokenizer files found beside SRC next to the output.",
+        ),
+    ] = True,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     storage_option: StorageOpt = None,
@@ -58,14 +73,25 @@ def consolidate(
     """
     from ckptctl.cli._output import Output
     from ckptctl.convert.consolidate import consolidate as run
-    from ckptctl.humanize import format_bytes
+    from ckptctl.humanize import format_bytes, parse_size
     from ckptctl.storage.location import Location, parse_storage_options
 
     output = Output.start("consolidate", json_mode=json_out, quiet=quiet)
     location = Location.from_url(src, parse_storage_options(storage_option or []))
-    result = run(
-        location, out, tag=tag, dtype=dtype, exclude_frozen=exclude_frozen, keep_tied=keep_tied, force=force
-    )
+    shard_bytes = parse_size(max_shard_size) if max_shard_size else None
+    with output.progress("consolidate", None) as bar:
+        result = run(
+            location,
+            out,
+            tag=tag,
+            dtype=dtype,
+            exclude_frozen=exclude_frozen,
+            keep_tied=keep_tied,
+            force=force,
+            max_shard_bytes=shard_bytes,
+            copy_configs=copy_configs,
+            on_bytes=(lambda n: bar.advance(bar.task_ids[0], n)) if bar is not None else None,
+        )
     output.result(result.to_dict())
     for warning in result.warnings:
         output.warn(warning)
