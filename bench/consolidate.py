@@ -1,0 +1,195 @@
+"""``ckptctl consolidate`` against DeepSpeed's ``zero_to_fp32.py --safe_serialization`` and the I/O floor.
+
+Generates a ~183M-parameter bf16 ZeRO checkpoint (stages 2 and 3, 2 ranks) with the fixture generator in
+shared/fixtures/zero/gen at bench time, then, cold cache (posix_fadvise DONTNEED on the inputs) before each run:
+ckptctl, zero_to_fp32 (in a scratch venv with DeepSpeed, never the project's), and the floor (read just the fp32
+master ranges + write + fsync, in one process). Prints wall time, peak RSS and ratios, and checks the outputs are
+equal tensor by tensor. Usage: python bench/consolidate.py [--ds-python PATH] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # bench/inspect.py must not shadow stdlib inspect
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from ckptctl.convert.consolidate import plan_consolidation
+from ckptctl.storage import Location
+
+GEN = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "zero" / "gen" / "gen_ckpt.py"
+MODEL = [
+    "--model",
+    "big",
+    "--width",
+    "1536",
+    "--layers",
+    "36",
+    "--vocab",
+    "32000",
+    "--no-tied",
+    "--steps",
+    "2",
+    "--lr",
+    "1e-4",
+]
+
+
+def scratch_deepspeed(root: Path) -> Path:
+    """A venv with torch (CPU) and DeepSpeed for the generator and the reference converter."""
+    venv = root / "dsvenv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "pip"), "install", "-q"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, "deepspeed==0.19.8", "transformers", "numpy", "ninja"], check=True)
+    return venv / "bin" / "python"
+
+
+def evict(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (MB) of a child process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(
+            f"{argv[:3]} failed: {process.stderr.read().decode()[-2000:] if process.stderr else ''}"
+        )
+    return wall, usage.ru_maxrss // 1024
+
+
+def floor(checkpoint: Path, out: Path) -> float:
+    """Read only the fp32 master ranges, write them, fsync: what any converter must at least do."""
+    plan = plan_consolidation(Location.from_url(str(checkpoint)))
+    evict(checkpoint)
+    start = time.perf_counter()
+    handles: dict[str, int] = {}
+    with out.open("wb") as sink:
+        for tensor in plan.tensors:
+            for piece in tensor.pieces:
+                fd = handles.setdefault(piece.rel, os.open(checkpoint / piece.rel, os.O_RDONLY))
+                sink.write(os.pread(fd, piece.end - piece.start, piece.start))
+        sink.flush()
+        os.fsync(sink.fileno())
+    for fd in handles.values():
+        os.close(fd)
+    return time.perf_counter() - start
+
+
+def tensor_hashes(path: Path) -> dict[str, str]:
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    base = 8 + size
+    return {
+        name: hashlib.sha256(raw[base + e["data_offsets"][0] : base + e["data_offsets"][1]]).hexdigest()
+        for name, e in header.items()
+        if name != "__metadata__"
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--ds-python", help="a python with deepspeed==0.19.8 and torch (else a scratch venv is made)"
+    )
+    parser.add_argument("--keep", help="work in this folder and keep it")
+    args = parser.parse_args()
+    root = Path(args.keep or tempfile.mkdtemp(prefix="ckptctl-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        ds_python = Path(args.ds_python) if args.ds_python else scratch_deepspeed(root)
+        torchrun = ds_python.parent / "torchrun"
+        env = dict(os.environ, DS_ACCELERATOR="cpu")
+        for stage in (2, 3):
+            ckpt = root / f"z{stage}"
+            if not (ckpt / "latest").exists():
+                t0 = time.perf_counter()
+                subprocess.run(
+                    [
+                        str(torchrun),
+                        "--standalone",
+                        "--nproc_per_node",
+                        "2",
+                        str(GEN),
+                        "--stage",
+                        str(stage),
+                        "--dtype",
+                        "bf16",
+                        "--out",
+                        str(ckpt),
+                        *MODEL,
+                    ],
+                    check=True,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                print(f"generated stage {stage} checkpoint in {time.perf_counter() - t0:.0f}s")
+            size = sum(p.stat().st_size for p in ckpt.rglob("*.pt"))
+            plan = plan_consolidation(Location.from_url(str(ckpt)))
+            params = sum(t.numel for t in plan.tensors)
+            print(f"stage {stage}: {params / 1e6:.1f}M parameters, {size / 1e9:.2f} GB of .pt files")
+            ours_out, ref_out = root / f"ours{stage}.safetensors", root / f"ref{stage}"
+            evict(ckpt)
+            ours, ours_rss = timed(
+                [
+                    sys.executable,
+                    "-m",
+                    "ckptctl",
+                    "consolidate",
+                    str(ckpt),
+                    str(ours_out),
+                    "--force",
+                    "--quiet",
+                ]
+            )
+            evict(ckpt)
+            shutil.rmtree(ref_out, ignore_errors=True)
+            theirs, theirs_rss = timed(
+                [
+                    str(ds_python),
+                    str(ckpt / "zero_to_fp32.py"),
+                    str(ckpt),
+                    str(ref_out),
+                    "--safe_serialization",
+                ],
+                env=env,
+            )
+            io_floor = floor(ckpt, root / "floor.bin")
+            reference = {}
+            for shard in sorted(ref_out.glob("*.safetensors")):
+                reference.update(tensor_hashes(shard))
+            same = tensor_hashes(ours_out) == reference
+            print(f"  ckptctl       {ours:6.2f}s  peak RSS {ours_rss:6d} MB")
+            print(f"  zero_to_fp32  {theirs:6.2f}s  peak RSS {theirs_rss:6d} MB")
+            print(f"  I/O floor     {io_floor:6.2f}s  (fp32 master ranges read + write + fsync, in-process)")
+            print(
+                f"  ratios: ckptctl/floor {ours / io_floor:.2f}x (goal <= 1.5x); zero_to_fp32/ckptctl "
+                f"{theirs / ours:.2f}x faster (goal >= 2.5x); RSS ckptctl/zero_to_fp32 {ours_rss / theirs_rss:.2f} "
+                f"(goal <= 0.25); outputs identical: {same}"
+            )
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
