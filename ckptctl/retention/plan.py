@@ -21,7 +21,7 @@ from ckptctl.catalog.scan import scan_run
 from ckptctl.errors import MetricSourceError, RefusedError
 from ckptctl.humanize import format_bytes
 from ckptctl.retention.metrics import load_metric_file
-from ckptctl.retention.policy import Decision, Policy, decide
+from ckptctl.retention.policy import Decision, Policy, decide, decide_incomplete
 from ckptctl.storage.location import Location
 
 # Files whose presence tells a reader "this checkpoint is whole": removed first, so that a unit never looks
@@ -104,10 +104,19 @@ def plan_prune(
     max_delete: int | None = None,
     max_delete_bytes: int | None = None,
     check_time_order: bool = True,
+    incomplete_older_than: float | None = None,
     now: float | None = None,
 ) -> PrunePlan:
     """Decide what to delete; raises RefusedError (exit 4) or MetricSourceError (exit 7), changes nothing."""
     scan = scan_run(location, settle_seconds=settle_seconds, now=now)
+    if incomplete_older_than is not None:
+        decisions = decide_incomplete(scan.units, incomplete_older_than, scan.scanned_at)
+        resume = tuple(u for u in scan.units if u.reason.startswith("being deleted"))
+        plan = PrunePlan(
+            location.url, policy, tuple(decisions), resume, tuple(scan.warnings), scan.scanned_at
+        )
+        _check_limits(plan, max_delete, max_delete_bytes)
+        return plan
     metrics = None
     if policy.keep_best and policy.metric:
         if metric_file is not None:
@@ -129,6 +138,11 @@ def plan_prune(
     if any(r.startswith("tie@") for d in decisions for r in d.reasons):
         notes.append(f"ties at place {policy.keep_best} for {policy.metric}: all tied checkpoints are kept")
     plan = PrunePlan(location.url, policy, tuple(decisions), resume, tuple(notes), scan.scanned_at)
+    _check_limits(plan, max_delete, max_delete_bytes)
+    return plan
+
+
+def _check_limits(plan: PrunePlan, max_delete: int | None, max_delete_bytes: int | None) -> None:
     count = len(plan.to_delete)
     if max_delete is not None and count > max_delete:
         raise RefusedError(f"the plan deletes {count} checkpoints, more than --max-delete {max_delete}")
@@ -137,7 +151,6 @@ def plan_prune(
             f"the plan frees {format_bytes(plan.bytes_to_free)}, more than --max-delete-bytes "
             f"{format_bytes(max_delete_bytes)}"
         )
-    return plan
 
 
 @dataclass
@@ -156,7 +169,8 @@ def _fingerprint(unit: Unit) -> set[tuple[str, int, float | None, str | None]]:
 
 
 def _revalidate(plan: PrunePlan, fresh: RunScan) -> tuple[list[Unit], list[tuple[Unit, str]]]:
-    """Rule 5: a unit is deleted only if it is still complete, unreferenced and byte-for-byte as planned."""
+    """Rule 5: a unit is deleted only if its status, its files and their sizes and times are still as planned,
+    and nothing names it."""
     now_units = {u.path: u for u in fresh.units}
     keep: list[Unit] = []
     skipped: list[tuple[Unit, str]] = []
@@ -164,7 +178,7 @@ def _revalidate(plan: PrunePlan, fresh: RunScan) -> tuple[list[Unit], list[tuple
         current = now_units.get(unit.path)
         if current is None:
             skipped.append((unit, "gone since the plan"))
-        elif current.status is not Status.COMPLETE:
+        elif current.status is not unit.status:
             skipped.append((unit, f"now {current.status.value}: {current.reason}"))
         elif current.pointers:
             skipped.append((unit, f"now named by {', '.join(current.pointers)}"))

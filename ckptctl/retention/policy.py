@@ -177,3 +177,25 @@ def decide(
         else:
             decisions.append(Decision(unit, "delete", ("not kept by any rule",)))
     return decisions
+
+
+def decide_incomplete(units: Sequence[Unit], older_than_seconds: float, now: float) -> list[Decision]:
+    """``prune --incomplete --older-than D``: the explicit clean-up of half-written saves, never a side effect
+    of keep rules. Deletes recognised units that are incomplete or in progress and whose newest file is older
+    than D (so a save still being written is never touched); complete, unknown and pointed-to units are kept."""
+    decisions = []
+    for unit in units:
+        age = None if unit.newest_mtime is None else now - unit.newest_mtime
+        if unit.status is Status.COMPLETE:
+            decisions.append(Decision(unit, "keep", ("complete",)))
+        elif unit.layout.value == "unknown" or unit.status is Status.UNKNOWN:
+            decisions.append(Decision(unit, "skip", (f"{unit.status.value}: {unit.reason}",)))
+        elif unit.pointers:
+            decisions.append(Decision(unit, "keep", tuple(f"ref:{p}" for p in unit.pointers)))
+        elif unit.reason.startswith("being deleted"):
+            decisions.append(Decision(unit, "skip", ("finished by the journal step",)))
+        elif age is None or age < older_than_seconds:
+            decisions.append(Decision(unit, "skip", (f"{unit.status.value}, but younger than --older-than",)))
+        else:
+            decisions.append(Decision(unit, "delete", (f"{unit.status.value}: {unit.reason}",)))
+    return decisions

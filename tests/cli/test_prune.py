@@ -229,3 +229,26 @@ def test_kill_9_at_random_moments_never_loses_a_kept_checkpoint(tmp_path: Path) 
         assert rerun.returncode == 0, (trial, rerun.stderr)
         assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == sorted(expected_kept)
         assert digest_tree(run) == kept_before, trial
+
+
+def test_incomplete_older_than_cleans_only_old_half_written_saves(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", range(100, 400, 100))
+    (run / "checkpoint-400").mkdir()
+    (run / "checkpoint-400" / "model.safetensors").write_bytes(b"half")  # crashed save, two hours old
+    (run / "checkpoint-500").mkdir()
+    (run / "checkpoint-500" / "model.safetensors").write_bytes(b"half")  # a save being written now
+    old = time.time() - 7200
+    os.utime(run / "checkpoint-400" / "model.safetensors", (old, old))
+    usage = run_cli("prune", str(run), "--incomplete")
+    assert usage.returncode == 2 and "--older-than" in usage.stderr
+    result = run_cli("prune", str(run), "--incomplete", "--older-than", "1h", "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    deleted = [e["path"] for e in events if e["event"] == "deleted"]
+    assert deleted == ["checkpoint-400"]
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
+        "checkpoint-100",
+        "checkpoint-200",
+        "checkpoint-300",
+        "checkpoint-500",
+    ]

@@ -90,6 +90,21 @@ def prune(
             "--ignore-time-order", help="Do not refuse when step order and file times disagree (copied runs)."
         ),
     ] = False,
+    incomplete: Annotated[
+        bool,
+        typer.Option(
+            "--incomplete",
+            help="Instead of keep rules: delete half-written checkpoints (incomplete or in progress) older than --older-than.",
+        ),
+    ] = False,
+    older_than: Annotated[
+        str | None,
+        typer.Option(
+            "--older-than",
+            metavar="DURATION",
+            help="With --incomplete: only those whose newest file is older than this (e.g. 1d).",
+        ),
+    ] = None,
     settle: SettleOpt = "10m",
     dry_run: DryRunOpt = False,
     yes: YesOpt = False,
@@ -115,8 +130,11 @@ def prune(
       ckptctl prune s3://bucket/run42 --keep-last 2 --keep-best 3 --metric eval_loss --dry-run
 
       ckptctl prune /data/run42 --keep-last 5 --keep-every-steps 10000 --max-delete 20 --json
+
+      ckptctl prune /data/run42 --incomplete --older-than 1d      # clean up crashed, half-written saves
     """
     from ckptctl.cli._output import Output
+    from ckptctl.errors import UsageError
     from ckptctl.humanize import parse_duration, parse_size
     from ckptctl.retention.plan import execute, plan_prune
     from ckptctl.retention.policy import Policy
@@ -125,15 +143,21 @@ def prune(
 
     out = Output.start("prune", json_mode=json_out, quiet=quiet)
     steps = [int(s) for s in keep_steps.split(",") if s.strip()] if keep_steps else []
-    policy = Policy.build(
-        keep_last=keep_last,
-        keep_best=keep_best,
-        metric=metric,
-        keep_every_steps=keep_every_steps,
-        keep_within_seconds=parse_duration(keep_within) if keep_within else None,
-        keep_steps=steps,
-        pinned_steps=pin or [],
-        keep_without_metric=keep_without_metric,
+    if incomplete != (older_than is not None):
+        raise UsageError("--incomplete and --older-than go together (e.g. --incomplete --older-than 1d)")
+    policy = (
+        Policy()
+        if incomplete
+        else Policy.build(
+            keep_last=keep_last,
+            keep_best=keep_best,
+            metric=metric,
+            keep_every_steps=keep_every_steps,
+            keep_within_seconds=parse_duration(keep_within) if keep_within else None,
+            keep_steps=steps,
+            pinned_steps=pin or [],
+            keep_without_metric=keep_without_metric,
+        )
     )
     options = parse_storage_options(storage_option or [])
     location = Location.from_url(run, options)
@@ -151,6 +175,7 @@ def prune(
             max_delete=max_delete,
             max_delete_bytes=limit_bytes,
             check_time_order=not ignore_time_order,
+            incomplete_older_than=parse_duration(older_than) if older_than else None,
         )
 
     if dry_run:
