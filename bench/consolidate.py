@@ -94,15 +94,26 @@ def floor(checkpoint: Path, out: Path) -> float:
 
 
 def tensor_hashes(path: Path) -> dict[str, str]:
-    raw = path.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size])
-    base = 8 + size
-    return {
-        name: hashlib.sha256(raw[base + e["data_offsets"][0] : base + e["data_offsets"][1]]).hexdigest()
-        for name, e in header.items()
-        if name != "__metadata__"
-    }
+    """sha256 per tensor, read tensor by tensor: this process stays small, because a child forked from a big
+    parent starts with the parent's peak RSS and would be mis-measured."""
+    hashes = {}
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        base = 8 + size
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            handle.seek(base + start)
+            digest = hashlib.sha256()
+            remaining = end - start
+            while remaining:
+                chunk = handle.read(min(remaining, 64 * 2**20))
+                digest.update(chunk)
+                remaining -= len(chunk)
+            hashes[name] = digest.hexdigest()
+    return hashes
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import math
 import posixpath
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -461,18 +461,10 @@ def consolidate(
             stream = SafetensorsStream(handle, [planned[i] for i in group], metadata)
             for index in group:
                 tensor, out = order[index], planned[index]
-                size = tensor.numel * (DTYPE_BITS[tensor.dtype] // 8)
-                raw = b"".join(src.read_range(p.rel, p.start, p.end) for p in tensor.pieces)[:size]
-                if len(raw) != size:
-                    raise IntegrityError(
-                        f"{src.url}: {tensor.pieces[0].rel} is truncated (tensor {tensor.name})"
-                    )
-                data = cast(raw, tensor.dtype, out.dtype)
-                stream.write(out.name, data)
-                written += len(data)
+                written += stream.write(out.name, _tensor_chunks(src, tensor, out.dtype))
                 weight_map[out.name] = os.path.basename(path)
                 if on_bytes is not None:
-                    on_bytes(len(data))
+                    on_bytes(out.nbytes)
             stream.close()
     if max_shard_bytes is not None:
         index_data = {"metadata": {"total_size": written}, "weight_map": weight_map}
@@ -492,6 +484,29 @@ def consolidate(
         aliases=plan.aliases,
         warnings=tuple(plan.warnings),
     )
+
+
+READ_CHUNK_BYTES = 64 * 2**20
+
+
+def _tensor_chunks(src: Location, tensor: SourceTensor, target: str) -> Iterator[bytes]:
+    """A tensor's bytes in ``target`` dtype, read piece by piece in chunks of at most 64 MiB and cut to the
+    tensor's size (ZeRO-3 partitions are padded): memory stays bounded whatever the tensor's size."""
+    itemsize = DTYPE_BITS[tensor.dtype] // 8
+    remaining = tensor.numel * itemsize
+    step = READ_CHUNK_BYTES - READ_CHUNK_BYTES % itemsize
+    for piece in tensor.pieces:
+        start = piece.start
+        while start < piece.end and remaining > 0:
+            end = min(piece.end, start + step, start + remaining)
+            data = src.read_range(piece.rel, start, end)
+            if len(data) != end - start:
+                raise IntegrityError(f"{src.url}: {piece.rel} is truncated (tensor {tensor.name})")
+            remaining -= len(data)
+            start = end
+            yield cast(data, tensor.dtype, target)
+    if remaining:
+        raise IntegrityError(f"{src.url}: {tensor.pieces[0].rel} is truncated (tensor {tensor.name})")
 
 
 def _copy_configs(src: Location, folder: str) -> list[str]:

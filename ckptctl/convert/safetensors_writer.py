@@ -64,11 +64,18 @@ class SafetensorsStream:
         self._index = 0
         handle.write(encode_header(tensors, metadata))
 
-    def write(self, name: str, data: bytes) -> None:
-        if self._names[self._index] != name or len(data) != self._expected[self._index]:
-            raise ValueError(f"writer out of step at {name!r}: expected {self._names[self._index]!r}")
-        self._handle.write(data)
+    def write(self, name: str, chunks: Iterable[bytes]) -> int:
+        """Write one tensor's bytes, given in pieces (so no tensor needs to be whole in memory)."""
+        if self._index >= len(self._names) or self._names[self._index] != name:
+            raise ValueError(f"writer out of step at {name!r}")
+        written = 0
+        for chunk in chunks:
+            self._handle.write(chunk)
+            written += len(chunk)
+        if written != self._expected[self._index]:
+            raise ValueError(f"{name}: wrote {written} bytes, the header says {self._expected[self._index]}")
         self._index += 1
+        return written
 
     def close(self) -> None:
         if self._index != len(self._names):
