@@ -33,6 +33,30 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP')
 
 
+UNIT_FILES = [
+    "config.json",
+    "model.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state.pth",
+    "training_args.bin",
+    "generation_config.json",
+    "tokenizer.json",
+    "special_tokens_map.json",
+    "trainer_state.json",
+]
+
+
+def upload_run(fs, bucket: str, units: int, per_unit: int) -> None:
+    """An HF Trainer-shaped run of ``units`` checkpoints with ``per_unit`` small files each, at bucket/run."""
+    payload = {
+        f"{bucket}/run/checkpoint-{(u + 1) * 100}/{name}": b"{}"
+        for u in range(units)
+        for name in UNIT_FILES[:per_unit]
+    }
+    fs.pipe(payload, batch_size=64)
+
+
 def count_requests(log: Path, start: int) -> Counter[str]:
     """Requests moto logged after byte ``start`` of its log, by kind (LIST / GET / HEAD / ...)."""
     kinds: Counter[str] = Counter()
@@ -62,23 +86,10 @@ def main() -> None:
         assert server.log is not None
         fs = s3fs.S3FileSystem(endpoint_url=server.endpoint)
         fs.mkdir("bench")
-        names = [
-            "config.json",
-            "model.safetensors",
-            "optimizer.pt",
-            "scheduler.pt",
-            "rng_state.pth",
-            "training_args.bin",
-            "generation_config.json",
-            "tokenizer.json",
-            "special_tokens_map.json",
-            "trainer_state.json",
-        ][:per_unit]
         t0 = time.perf_counter()
-        payload = {f"bench/run/checkpoint-{(u + 1) * 100}/{n}": b"{}" for u in range(units) for n in names}
-        fs.pipe(payload, batch_size=64)
+        upload_run(fs, "bench", units, per_unit)
         print(
-            f"setup: {units} units x {per_unit} files = {len(payload)} objects uploaded in {time.perf_counter() - t0:.1f}s"
+            f"setup: {units} units x {per_unit} files = {units * per_unit} objects uploaded in {time.perf_counter() - t0:.1f}s"
         )
 
         env = dict(os.environ)

@@ -25,28 +25,8 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-from bench.list import count_requests
+from bench.list import count_requests, upload_run
 from tests.conftest import start_moto
-
-NAMES = [
-    "config.json",
-    "model.safetensors",
-    "optimizer.pt",
-    "scheduler.pt",
-    "rng_state.pth",
-    "training_args.bin",
-    "generation_config.json",
-    "tokenizer.json",
-    "special_tokens_map.json",
-    "trainer_state.json",
-]
-
-
-def upload(fs, bucket: str, units: int, per_unit: int) -> None:
-    payload = {
-        f"{bucket}/run/checkpoint-{(u + 1) * 100}/{n}": b"{}" for u in range(units) for n in NAMES[:per_unit]
-    }
-    fs.pipe(payload, batch_size=64)
 
 
 def main() -> None:
@@ -60,7 +40,7 @@ def main() -> None:
         fs = s3fs.S3FileSystem(endpoint_url=server.endpoint)
         for bucket in ("ours", "script"):
             fs.mkdir(bucket)
-            upload(fs, bucket, units, per_unit)
+            upload_run(fs, bucket, units, per_unit)
         print(f"setup: 2 x {units} units x {per_unit} files uploaded")
 
         mark = server.log.stat().st_size
