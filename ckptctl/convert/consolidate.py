@@ -154,10 +154,16 @@ def plan_consolidation(
     bf16 = optim[0].startswith("bf16_")
     expected = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
     missing = [name for name in expected if name not in here]
-    if missing or ranks != list(range(len(ranks))) or len(ranks) != world:
+    if missing:
         raise IntegrityError(
-            f"{location.url_of(tag_rel)}: missing rank file(s) {', '.join(missing) or '?'} "
+            f"{location.url_of(tag_rel)}: missing rank file(s) {', '.join(missing)} "
             f"(expected world size {world}, found ranks {ranks})",
+            url=location.url,
+        )
+    if len(ranks) != world:
+        raise IntegrityError(
+            f"{location.url_of(tag_rel)}: optimizer files for ranks {ranks}, but the model states say world size "
+            f"{world}: files from two saves are mixed",
             url=location.url,
         )
     optims = [_archive(location, prefix + name, sizes) for name in expected]
@@ -406,8 +412,9 @@ def consolidate(
     max_shard_bytes: int | None = None,
     copy_configs: bool = True,
     on_bytes: Callable[[int], None] | None = None,
+    out_options: dict[str, Any] | None = None,
 ) -> ConsolidationResult:
-    """Write ``out_path`` (a local .safetensors file, or a folder) from the ZeRO checkpoint at ``src``.
+    """Write ``out_path`` (a .safetensors file or a folder, local or a URL) from the ZeRO checkpoint at ``src``.
 
     Each output file appears under its name only when complete (temp + rename); with ``max_shard_bytes`` the HF
     layout is written, shards first and ``model.safetensors.index.json`` last. ``on_bytes(n)`` reports progress.
@@ -418,7 +425,19 @@ def consolidate(
     if dtype not in OUTPUT_DTYPES:
         raise UsageError(f"--dtype takes {', '.join(OUTPUT_DTYPES)}; got {dtype!r}")
     if "://" in out_path and not out_path.startswith("file://"):
-        raise UsageError("OUT must be a local path for now (write locally, then `ckptctl tier` it)")
+        return _consolidate_to_store(
+            src,
+            out_path,
+            out_options or {},
+            tag=tag,
+            dtype=dtype,
+            exclude_frozen=exclude_frozen,
+            keep_tied=keep_tied,
+            force=force,
+            max_shard_bytes=max_shard_bytes,
+            copy_configs=copy_configs,
+            on_bytes=on_bytes,
+        )
     if os.path.isdir(out_path) or out_path.endswith("/") or max_shard_bytes is not None:
         folder = out_path
         final = os.path.join(
@@ -484,6 +503,32 @@ def consolidate(
         aliases=plan.aliases,
         warnings=tuple(plan.warnings),
     )
+
+
+def _consolidate_to_store(
+    src: Location, out_url: str, out_options: dict[str, Any], **kwargs: Any
+) -> ConsolidationResult:
+    """OUT on an object store: consolidate into a local temporary folder, then upload the weights first and the
+    index last, so a reader never finds an index naming shards that are not there yet."""
+    import os
+    import tempfile
+    from dataclasses import replace
+
+    sharded = kwargs.get("max_shard_bytes") is not None or out_url.endswith("/")
+    folder_url = out_url.rstrip("/") if sharded else out_url.rsplit("/", 1)[0]
+    name = None if sharded else out_url.rsplit("/", 1)[1]
+    target = Location.from_url(folder_url, out_options)
+    target.require_bucket()
+    final = "model.safetensors.index.json" if kwargs.get("max_shard_bytes") else (name or "model.safetensors")
+    if target.exists(final) and not kwargs.get("force"):
+        raise RefusedError(f"{target.url_of(final)} exists; pass --force to replace it")
+    with tempfile.TemporaryDirectory(prefix="ckptctl-consolidate-") as scratch:
+        local_out = scratch + "/" if sharded else os.path.join(scratch, name or "model.safetensors")
+        result = consolidate(src, local_out, **kwargs)
+        files = sorted(os.listdir(scratch), key=lambda f: (f == final, f.endswith(".json"), f))
+        for file in files:
+            target.upload_file(os.path.join(scratch, file), file)
+    return replace(result, output=target.url_of(final))
 
 
 READ_CHUNK_BYTES = 64 * 2**20

@@ -456,6 +456,29 @@ class Location:
                 os.rmdir(self.full_path(parent))
         return failed
 
+    def require_bucket(self) -> None:
+        """Fail early (before hours of work) when the bucket to write into does not exist."""
+        if self._bucket_missing():
+            raise NoSuchBucketError(f"no such bucket: {self._bucket_url()}", url=self.url)
+
+    def upload_file(self, local_path: str, rel: str) -> None:
+        """Copy a local file to ``rel``. Object stores make it visible only once whole (single or multipart PUT);
+        locally it goes through a temporary name and a rename."""
+        if self.is_local:
+            import shutil
+
+            from ckptctl.storage.atomic import atomic_local_file
+
+            with (
+                self.errors(rel),
+                open(local_path, "rb") as source,
+                atomic_local_file(self.full_path(rel)) as sink,
+            ):
+                shutil.copyfileobj(source, sink, 16 * 2**20)
+            return
+        with self.errors(rel):
+            self.fs.put_file(local_path, self.full_path(rel))
+
     def remove_empty_folder(self, rel: str) -> None:
         """Remove a folder marker left after its files were deleted (local rmdir; a no-op on object stores)."""
         if self.is_local:

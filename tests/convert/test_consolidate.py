@@ -192,3 +192,42 @@ def test_hf_shards_and_configs(tmp_path: Path, shared_fixtures: Path) -> None:
     reference = json.loads((ZERO / "z2-bf16-untied" / "reference" / "tensors.json").read_text())["tensors"]
     assert set(merged) == {t["name"] for t in reference} == set(index["weight_map"])
     assert (out / "config.json").read_text() == '{"model_type": "toy"}'
+
+
+def test_files_from_two_world_sizes_are_refused(tmp_path: Path, shared_fixtures: Path) -> None:
+    """A rank file from a 3-rank save dropped into a 2-rank tag (a bad copy, a re-run with another world size)."""
+    src = tmp_path / "ckpt"
+    shutil.copytree(ZERO / "z3-bf16-tied-frozen" / "checkpoint", src)
+    extra = ZERO / "z3-fp32-ws3" / "checkpoint" / "global_step3" / "zero_pp_rank_2_mp_rank_00_optim_states.pt"
+    shutil.copy(extra, src / "global_step3" / "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt")
+    result = run_cli("consolidate", str(src), str(tmp_path / "o.safetensors"))
+    assert_one_line(result, 8, "the model states say world size 2: files from two saves are mixed")
+
+
+@pytest.mark.parametrize("backend", ["s3"], indirect=True)
+def test_output_on_an_object_store_and_a_missing_bucket(
+    backend, tmp_path: Path, shared_fixtures: Path
+) -> None:
+    src = str(ZERO / "z2-bf16-untied" / "checkpoint")
+    result = run_cli(
+        "consolidate", src, f"{backend.url}/out/", "--max-shard-size", "1KB", *backend.cli_options
+    )
+    assert result.returncode == 0, result.stderr
+    location = backend.location("out")
+    index = json.loads(location.read_bytes("model.safetensors.index.json"))
+    assert {e.name for e in location.walk() if e.type == "file"} == {
+        *index["weight_map"].values(),
+        "model.safetensors.index.json",
+    }
+    single = run_cli("consolidate", src, f"{backend.url}/one/model.safetensors", *backend.cli_options)
+    assert single.returncode == 0, single.stderr
+    local = tmp_path / "m.safetensors"
+    assert run_cli("consolidate", src, str(local)).returncode == 0
+    assert backend.location("one").read_bytes("model.safetensors") == local.read_bytes()
+    missing = run_cli(
+        "consolidate",
+        src,
+        backend.url.replace("bucket-", "nobucket-") + "/m.safetensors",
+        *backend.cli_options,
+    )
+    assert_one_line(missing, 3, "no such bucket")

@@ -77,7 +77,8 @@ def consolidate(
     from ckptctl.storage.location import Location, parse_storage_options
 
     output = Output.start("consolidate", json_mode=json_out, quiet=quiet)
-    location = Location.from_url(src, parse_storage_options(storage_option or []))
+    options = parse_storage_options(storage_option or [])
+    location = Location.from_url(src, options)
     shard_bytes = parse_size(max_shard_size) if max_shard_size else None
     with output.progress("consolidate", None) as bar:
         result = run(
@@ -90,6 +91,7 @@ def consolidate(
             force=force,
             max_shard_bytes=shard_bytes,
             copy_configs=copy_configs,
+            out_options=options,
             on_bytes=(lambda n: bar.advance(bar.task_ids[0], n)) if bar is not None else None,
         )
     output.result(result.to_dict())
