@@ -215,9 +215,10 @@ def plan_consolidation(
     else:
         plan.tensors += _stage12(optims, osd, param_shapes)
     plan.aliases = {str(k): str(v) for k, v in (state.get("shared_params") or {}).items()}
-    if not stage3:
-        zero_stage = osd[0].get("zero_stage")
-        plan.stage = 1 if "1" in repr(zero_stage) and "2" not in repr(zero_stage) else plan.stage
+    config = state.get("ds_config")
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    if isinstance(zero, dict) and isinstance(zero.get("stage"), int):
+        plan.stage = zero["stage"]
     return plan
 
 
