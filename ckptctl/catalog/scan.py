@@ -11,7 +11,7 @@ import posixpath
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ckptctl.catalog.journal import JOURNAL_NAME, decode_journal
 from ckptctl.catalog.layouts import (
@@ -415,8 +415,3 @@ def scan_run(
             "OLMo-core, NeMo, open-instruct and single .pt/.safetensors files",
         )
     return scan
-
-
-def with_status(unit: Unit, status: Status, reason: str) -> Unit:
-    """A copy of ``unit`` with another status (for callers that re-judge a unit, such as --verify)."""
-    return replace(unit, status=status, reason=reason)
