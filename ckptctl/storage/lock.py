@@ -36,6 +36,8 @@ def run_lock(location: Location, *, lease_seconds: float = DEFAULT_LEASE_SECONDS
 def _local_lock(location: Location) -> Iterator[None]:
     import fcntl
 
+    if not os.path.isdir(location.full_path()):
+        location.walk()  # raises the error that names the run: not found, or a file where a run was expected
     path = location.full_path(LOCK_NAME)
     with location.errors(LOCK_NAME):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -252,3 +252,13 @@ def test_incomplete_older_than_cleans_only_old_half_written_saves(tmp_path: Path
         "checkpoint-300",
         "checkpoint-500",
     ]
+
+
+def test_missing_run_and_file_as_run_name_the_run(tmp_path: Path) -> None:
+    result = run_cli("prune", str(tmp_path / "nope"), "--keep-last", "2")
+    assert result.returncode == 3 and result.stderr.startswith(
+        f"error: no such file or folder: {tmp_path / 'nope'}\n"
+    )
+    (tmp_path / "file.pt").write_bytes(b"x")
+    result = run_cli("prune", str(tmp_path / "file.pt"), "--keep-last", "2")
+    assert result.returncode == 3 and "is a file; expected a folder of checkpoints" in result.stderr
