@@ -90,6 +90,13 @@ class StorageUnavailableError(CkptctlError):
     default_hint = "check the endpoint (--storage-option endpoint_url=...) and the network"
 
 
+class NoSpaceError(CkptctlError):
+    """The local disk is full (or a file-size limit was hit) while writing."""
+
+    code = "no_space"
+    exit_code = ExitCode.INTERNAL
+
+
 class RefusedError(CkptctlError):
     """A safety rule refused the operation; nothing was changed."""
 

@@ -18,6 +18,7 @@ from ckptctl.cli.commands.example import example
 from ckptctl.cli.commands.inspect import inspect_checkpoint
 from ckptctl.cli.commands.list_checkpoints import list_checkpoints
 from ckptctl.cli.commands.prune import prune
+from ckptctl.cli.commands.tier import tier_app
 
 app = typer.Typer(
     name="ckptctl",
@@ -52,6 +53,7 @@ app.command("example")(example)
 app.command("prune")(prune)
 app.command("inspect")(inspect_checkpoint)
 app.command("consolidate")(consolidate)
+app.add_typer(tier_app, name="tier")
 
 
 def main() -> None:

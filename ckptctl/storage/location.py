@@ -366,10 +366,10 @@ class Location:
         kind: EntryType = "directory" if info.get("type") == "directory" else "file"
         etag = info.get("ETag") or info.get("etag")
         checksum = None
-        if info.get("crc32c"):
-            checksum = f"crc32c:{info['crc32c']}"
-        elif info.get("md5Hash"):
+        if info.get("md5Hash"):
             checksum = f"md5:{info['md5Hash']}"
+        elif info.get("crc32c"):
+            checksum = f"crc32c:{info['crc32c']}"
         return FileEntry(
             path=rel,
             type=kind,

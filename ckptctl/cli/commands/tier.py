@@ -1,0 +1,388 @@
+"""``ckptctl tier push|pull|status``: move checkpoints between local disk and an object store, verified."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+
+from ckptctl.cli._options import DryRunOpt, JsonOpt, QuietOpt, RunArg, SettleOpt, StorageOpt
+
+tier_app = typer.Typer(
+    name="tier",
+    help="Move checkpoints between local disk and an object store: push (and free local space), pull, status.\n\n"
+    "A checkpoint is on the remote only when its manifest (.ckptctl-tier/<checkpoint>.json, written last, "
+    "after every file is verified) is there.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+JobsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs", "-j", metavar="N", help="Parallel streams (files and parts); default 2 per core, 4-16."
+    ),
+]
+
+
+@contextlib.contextmanager
+def _bars(out: Any, total: int) -> Iterator[Any]:
+    """A total bar plus one bar per checkpoint; yields ``advance(path, n)`` (a no-op without a terminal)."""
+    with out.progress("total", total or None) as bar:
+        tasks: dict[str, Any] = {}
+
+        def advance(path: str, n: int) -> None:
+            if bar is None:
+                return
+            if path not in tasks:
+                tasks[path] = bar.add_task(path or ".", total=None)
+            bar.advance(tasks[path], n)
+            bar.advance(bar.task_ids[0], n)
+
+        yield advance
+
+
+@tier_app.command("push")
+def push(
+    run: RunArg,
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            metavar="URL",
+            help="The remote run folder, e.g. s3://bucket/runs/run42 (mirrors RUN's layout).",
+        ),
+    ],
+    steps: Annotated[
+        str | None,
+        typer.Option("--steps", metavar="S1,S2", help="Only these steps (default: every complete one)."),
+    ] = None,
+    min_age: Annotated[
+        str | None,
+        typer.Option(
+            "--min-age", metavar="DURATION", help="Only checkpoints whose newest file is older than this."
+        ),
+    ] = None,
+    keep_local_last: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-local-last",
+            metavar="K",
+            help="After upload, free the local copy of verified checkpoints except the newest K.",
+        ),
+    ] = None,
+    keep_local_best: Annotated[
+        int | None,
+        typer.Option("--keep-local-best", metavar="M", help="... and except the M best by --metric."),
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric", metavar="NAME[:min|max]", help="Metric for --keep-local-best, e.g. eval_loss."
+        ),
+    ] = None,
+    metric_file: Annotated[
+        str | None,
+        typer.Option(
+            "--metric-file", metavar="PATH", help="CSV or JSON Lines metrics by step (column 'step')."
+        ),
+    ] = None,
+    jobs: JobsOpt = None,
+    part_size: Annotated[
+        str, typer.Option("--part-size", metavar="SIZE", help="S3 multipart part size (at least 5MiB).")
+    ] = "16MiB",
+    settle: SettleOpt = "10m",
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Upload complete checkpoints of a local run that are not yet on the remote, each verified, manifest last.
+
+    Each file is hashed while it is read, compared with what the store reports (S3 ETag, GCS md5Hash; a re-read
+    where the store reports nothing), then the checkpoint's manifest is written. A re-run skips what is already
+    there and verified and finishes the rest; multipart uploads an interrupted run left are aborted.
+
+    With --keep-local-last/--keep-local-best, local copies are then freed, but only of checkpoints whose remote
+    copy a fresh listing verifies, and never the newest complete one, one a pointer names, a pinned or an
+    incomplete one (prune's rules and its crash-safe deletion).
+
+    Exit codes: 0 done, 1 store unreachable, 3 bucket or run missing, 5 some checkpoints failed (re-run), 6 the
+    run is locked by another ckptctl, 8 the store holds different bytes than were sent.
+
+    Examples:
+
+      ckptctl tier push /nvme/run42 --to s3://bucket/runs/run42
+
+      ckptctl tier push /nvme/run42 --to gs://bucket/run42 --min-age 30m --keep-local-last 2 --json
+    """
+    from ckptctl.cli._output import Output
+    from ckptctl.errors import PartialFailureError, UsageError
+    from ckptctl.humanize import format_bytes, parse_duration, parse_size
+    from ckptctl.retention.policy import Policy
+    from ckptctl.storage.location import Location, parse_storage_options
+    from ckptctl.storage.lock import run_lock
+    from ckptctl.storage.transfer import MIN_PART_SIZE
+    from ckptctl.tiering.push import PushOptions, default_jobs
+    from ckptctl.tiering.push import push as run_push
+
+    out = Output.start("tier push", json_mode=json_out, quiet=quiet)
+    options = parse_storage_options(storage_option or [])
+    local = Location.from_url(run)
+    remote = Location.from_url(to, options)
+    policy = None
+    if keep_local_last is not None or keep_local_best is not None:
+        policy = Policy.build(keep_last=keep_local_last, keep_best=keep_local_best, metric=metric)
+    elif metric or metric_file:
+        raise UsageError("--metric and --metric-file go with --keep-local-best")
+    parts = parse_size(part_size)
+    if parts < MIN_PART_SIZE:
+        raise UsageError(f"--part-size must be at least 5MiB (S3's minimum), got {part_size}")
+    if jobs is not None and jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    push_options = PushOptions(
+        steps=frozenset(int(s) for s in steps.split(",") if s.strip()) if steps else None,
+        min_age_seconds=parse_duration(min_age) if min_age else None,
+        settle_seconds=parse_duration(settle),
+        jobs=jobs or default_jobs(),
+        part_size=parts,
+        free_policy=policy,
+        metric_file=Location.from_url(metric_file, options) if metric_file else None,
+        dry_run=dry_run,
+    )
+
+    def on_event(kind: str, *, unit: Any, bytes: int = 0, seconds: float = 0.0, detail: str = "") -> None:
+        if kind == "start":
+            return
+        rate = bytes / seconds / 1e6 if seconds > 0 else None
+        out.event(
+            kind,
+            path=unit.path,
+            step=unit.step,
+            bytes=bytes or unit.total_bytes,
+            seconds=round(seconds, 3),
+            mb_per_s=round(rate, 1) if rate else None,
+            detail=detail,
+        )
+        if kind == "uploaded":
+            speed = f", {rate:.0f} MB/s" if rate else ""
+            out.info(f"uploaded {unit.path}: {format_bytes(bytes)} in {seconds:.1f}s{speed}")
+        elif kind == "already":
+            out.info(f"already tiered {unit.path}")
+        elif kind == "would-upload":
+            out.info(f"would upload {unit.path} ({format_bytes(unit.total_bytes)})")
+        elif kind == "freed":
+            out.info(f"freed local {unit.path} ({format_bytes(unit.total_bytes)})")
+        elif kind in ("failed", "skipped", "error"):
+            out.warn(f"{kind} {unit.path}: {detail}")
+
+    lock = contextlib.nullcontext() if dry_run else run_lock(local)
+    with lock, _bars(out, 0) as advance:
+        result = run_push(local, remote, push_options, on_event=on_event, on_bytes=advance)
+    plan = result.free_plan
+    if plan is not None:
+        for decision in plan.decisions:
+            out.event(
+                "free-plan",
+                path=decision.unit.path,
+                step=decision.unit.step,
+                action=decision.action,
+                reasons=list(decision.reasons),
+            )
+        if dry_run:
+            for unit in plan.to_delete:
+                out.info(f"would free local {unit.path} ({format_bytes(unit.total_bytes)})")
+    counts = {
+        kind: sum(1 for o in result.outcomes if o.action == kind)
+        for kind in ("uploaded", "already", "would-upload", "failed")
+    }
+    freed = result.freed.deleted if result.freed else []
+    out.event(
+        "summary",
+        dry_run=dry_run,
+        **{k.replace("-", "_"): v for k, v in counts.items()},
+        uploaded_bytes=result.uploaded_bytes,
+        freed=len(freed),
+        freed_bytes=sum(u.total_bytes for u in freed),
+        aborted_uploads=result.aborted_uploads,
+    )
+    if dry_run:
+        out.info(
+            f"would upload {counts['would-upload']} checkpoint(s); {counts['already']} already tiered "
+            "(dry run: nothing changed)"
+        )
+    else:
+        out.info(
+            f"{counts['uploaded']} uploaded ({format_bytes(result.uploaded_bytes)}), {counts['already']} already "
+            f"tiered, {len(freed)} freed locally"
+            + (f", {counts['failed']} failed" if counts["failed"] else "")
+        )
+    failed_frees = result.freed.failed if result.freed else []
+    if result.failed or failed_frees:
+        raise PartialFailureError(
+            f"{len(result.failed)} checkpoint(s) not tiered, {len(failed_frees)} not fully freed; a re-run "
+            "finishes them",
+            url=remote.url,
+        )
+
+
+@tier_app.command("pull")
+def pull(
+    url: Annotated[str, typer.Argument(metavar="URL", help="The remote run folder that tier push wrote.")],
+    dest: Annotated[
+        str,
+        typer.Argument(
+            metavar="DEST", help="The new local folder (or file, for one-file checkpoints) to create."
+        ),
+    ],
+    step: Annotated[int | None, typer.Option("--step", metavar="N", help="The step to fetch.")] = None,
+    latest: Annotated[bool, typer.Option("--latest", help="Fetch the highest tiered step.")] = False,
+    jobs: JobsOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Download one tiered checkpoint, verify every file against its manifest, then rename it into place.
+
+    The download goes to a hidden .DEST.ckptctl-partial folder beside DEST; DEST appears only once every file
+    matches the manifest. A re-run after an interruption keeps the files already verified. A remote copy that
+    does not match its manifest is refused (exit 8) before or while downloading.
+
+    Exit codes: 0 done, 1 disk full or store unreachable, 3 not tiered / not found, 4 DEST exists, 8 corrupt.
+
+    Examples:
+
+      ckptctl tier pull s3://bucket/runs/run42 /nvme/run42/checkpoint-900 --step 900
+
+      ckptctl tier pull gs://bucket/run42 ./latest-ckpt --latest --json
+    """
+    from ckptctl.cli._output import Output
+    from ckptctl.errors import UsageError
+    from ckptctl.humanize import format_bytes
+    from ckptctl.storage.location import Location, parse_storage_options
+    from ckptctl.tiering.pull import pull as run_pull
+    from ckptctl.tiering.push import default_jobs
+
+    out = Output.start("tier pull", json_mode=json_out, quiet=quiet)
+    if (step is None) == (not latest):
+        raise UsageError("give exactly one of --step N and --latest")
+    remote = Location.from_url(url, parse_storage_options(storage_option or []))
+    with out.progress("pull", None) as bar:
+
+        def on_manifest(manifest: Any) -> None:
+            if bar is not None:
+                bar.update(bar.task_ids[0], total=manifest.total_bytes, description=f"pull {manifest.unit}")
+
+        def on_bytes(n: int) -> None:
+            if bar is not None:
+                bar.advance(bar.task_ids[0], n)
+
+        result = run_pull(
+            remote,
+            dest,
+            step=step,
+            latest=latest,
+            jobs=jobs or default_jobs(),
+            on_bytes=on_bytes,
+            on_manifest=on_manifest,
+        )
+    manifest = result.manifest
+    rate = result.downloaded_bytes / result.seconds / 1e6 if result.seconds > 0 else 0.0
+    out.result(
+        {
+            "unit": manifest.unit,
+            "step": manifest.step,
+            "dest": result.dest,
+            "files": len(manifest.files),
+            "bytes": manifest.total_bytes,
+            "downloaded_bytes": result.downloaded_bytes,
+            "reused_bytes": result.reused_bytes,
+            "seconds": round(result.seconds, 3),
+            "mb_per_s": round(rate, 1),
+        }
+    )
+    out.info(
+        f"pulled {manifest.unit} (step {manifest.step}) to {result.dest}: {format_bytes(manifest.total_bytes)} "
+        f"verified in {result.seconds:.1f}s" + (f" ({rate:.0f} MB/s)" if rate else "")
+    )
+
+
+@tier_app.command("status")
+def status(
+    run: RunArg,
+    remote_url: Annotated[str, typer.Option("--remote", metavar="URL", help="The remote run folder.")],
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Re-read remote files the store has no checksum for (local, memory://)."
+        ),
+    ] = False,
+    settle: SettleOpt = "10m",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Show each checkpoint: local, remote or both, and whether the remote copy matches its manifest.
+
+    REMOTE is one of: verified (sizes and the store's checksums match the manifest), size-only (the store keeps
+    no checksums; --verify re-reads), corrupt (exit 8), partial (objects without a manifest: an interrupted
+    push; a re-run of push finishes it), or - (not there).
+
+    Examples:
+
+      ckptctl tier status /nvme/run42 --remote s3://bucket/runs/run42
+    """
+    from rich.table import Table
+
+    from ckptctl.cli._output import Output, write_error_line
+    from ckptctl.errors import IntegrityError
+    from ckptctl.humanize import format_bytes, parse_duration
+    from ckptctl.storage.location import Location, parse_storage_options
+    from ckptctl.tiering.status import tier_status
+
+    out = Output.start("tier status", json_mode=json_out, quiet=quiet)
+    options = parse_storage_options(storage_option or [])
+    rows = tier_status(
+        Location.from_url(run),
+        Location.from_url(remote_url, options),
+        reread=verify,
+        settle_seconds=parse_duration(settle),
+    )
+    corrupt = [r for r in rows if r.remote == "corrupt"]
+    error = None
+    if corrupt:
+        first = corrupt[0]
+        error = IntegrityError(
+            f"{len(corrupt)} remote cop{'y does' if len(corrupt) == 1 else 'ies do'} not match the manifest "
+            f"(first: {first.path}: {first.problems[0] if first.problems else 'corrupt'})",
+            url=remote_url,
+        )
+    data = {"run": run, "remote": remote_url, "units": [r.to_dict() for r in rows]}
+    if error is None:
+        out.result(data)
+    else:
+        out.result(data, status="error", exit_code=8, errors=[{"code": error.code, "message": error.message}])
+    if not out.json_mode:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for column in ("STEP", "WHERE", "LOCAL", "REMOTE", "SIZE", "PATH"):
+            table.add_column(
+                column, justify="right" if column in ("STEP", "SIZE") else "left", overflow="fold"
+            )
+        for row in rows:
+            table.add_row(
+                str(row.step) if row.step is not None else "-",
+                row.where,
+                row.local or "-",
+                row.remote,
+                format_bytes(max(row.local_bytes, row.remote_bytes)),
+                row.path,
+            )
+        out.print(table)
+        for row in rows:
+            for problem in row.problems[:3]:
+                out.warn(f"{row.path}: {problem}")
+    if error is not None:
+        write_error_line(error)
+        raise typer.Exit(int(error.exit_code))

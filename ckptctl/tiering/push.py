@@ -1,0 +1,331 @@
+"""``tier push``: copy complete checkpoints to a remote run, verify them, write each manifest last, and then
+(only then) free local copies that no keep rule protects.
+
+Order per unit, chosen so that ``kill -9`` at any moment leaves nothing that reads as more than it is:
+abort multipart uploads an interrupted push left under the unit; upload data files, then completion markers
+(a remote listing never shows a complete-looking unit with data missing); list the unit again and compare every
+object with what was sent (size and the store's checksum, or a re-read where the store has none); check the
+local files did not change meanwhile; write the manifest. Freeing goes through prune's machinery
+(``retention.plan.execute``: re-validation, journal, markers first) under the run lock, and only for units whose
+manifest a fresh listing has just verified.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ckptctl.catalog.model import Status, Unit
+from ckptctl.catalog.scan import scan_run
+from ckptctl.errors import ChecksumMismatchError, CkptctlError, UsageError
+from ckptctl.retention.plan import COMPLETION_MARKERS, PrunePlan, PruneResult, execute
+from ckptctl.retention.policy import Decision, Policy, decide
+from ckptctl.storage.location import Location
+from ckptctl.storage.transfer import (
+    DEFAULT_PART_SIZE,
+    Uploaded,
+    abort_stale_uploads,
+    digest_local_file,
+    part_size_for,
+    reread_digest,
+    store_digest,
+    upload,
+)
+from ckptctl.tiering.manifest import (
+    Manifest,
+    ManifestFile,
+    RemoteView,
+    check_manifest,
+    manifest_rel,
+    remote_view,
+)
+
+EventSink = Callable[..., None]
+
+
+def default_jobs() -> int:
+    """Parallel streams: 4 on a small box (the client and a local server share the CPU), up to 16 on big ones."""
+    return max(4, min(16, 2 * (os.cpu_count() or 2)))
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    steps: frozenset[int] | None = None
+    min_age_seconds: float | None = None
+    settle_seconds: float = 600.0
+    jobs: int = field(default_factory=default_jobs)
+    part_size: int = DEFAULT_PART_SIZE
+    free_policy: Policy | None = None
+    metric_file: Location | None = None
+    dry_run: bool = False
+
+
+@dataclass
+class UnitOutcome:
+    unit: Unit
+    action: str
+    """``uploaded``, ``already`` (a verified manifest was there), ``would-upload`` (dry run), ``failed``."""
+    uploaded_bytes: int = 0
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class PushResult:
+    outcomes: list[UnitOutcome] = field(default_factory=list)
+    freed: PruneResult | None = None
+    free_plan: PrunePlan | None = None
+    aborted_uploads: int = 0
+
+    @property
+    def failed(self) -> list[UnitOutcome]:
+        return [o for o in self.outcomes if o.action == "failed"]
+
+    @property
+    def uploaded_bytes(self) -> int:
+        return sum(o.uploaded_bytes for o in self.outcomes)
+
+
+def select_units(units: Sequence[Unit], options: PushOptions, now: float) -> list[Unit]:
+    """Complete checkpoints with a step, narrowed by ``--steps`` and ``--min-age``."""
+    chosen = []
+    for unit in units:
+        if unit.status is not Status.COMPLETE or unit.step is None:
+            continue
+        if options.steps is not None and unit.step not in options.steps:
+            continue
+        if options.min_age_seconds is not None and now - (unit.newest_mtime or now) < options.min_age_seconds:
+            continue
+        chosen.append(unit)
+    return chosen
+
+
+def _already_tiered(view: RemoteView, unit: Unit) -> bool:
+    manifest = view.manifests.get(unit.path)
+    if manifest is None:
+        return False
+    local = {(f.path, f.size) for f in unit.files}
+    remote = {(f.path, f.size) for f in manifest.files}
+    return local == remote and check_manifest(view, manifest).ok
+
+
+def push(
+    local: Location,
+    remote: Location,
+    options: PushOptions,
+    *,
+    on_event: EventSink | None = None,
+    on_bytes: Callable[[str, int], None] | None = None,
+) -> PushResult:
+    """Tier a local run to ``remote``. The caller holds the local run lock (``storage.lock.run_lock``)."""
+    emit = on_event or (lambda *a, **k: None)
+    if not local.is_local:
+        raise UsageError(
+            f"tier push reads from a local run; {local.url} is not local (use tier pull to fetch)"
+        )
+    remote.require_bucket()
+    scan = scan_run(local, settle_seconds=options.settle_seconds)
+    view = remote_view(remote)
+    result = PushResult()
+    for unit in select_units(scan.units, options, scan.scanned_at):
+        if _already_tiered(view, unit):
+            result.outcomes.append(UnitOutcome(unit, "already"))
+            emit("already", unit=unit)
+            continue
+        if options.dry_run:
+            result.outcomes.append(UnitOutcome(unit, "would-upload", unit.total_bytes))
+            emit("would-upload", unit=unit)
+            continue
+        started = time.monotonic()
+        emit("start", unit=unit)
+        try:
+            sent, aborted = _push_unit(local, remote, view, unit, options, on_bytes)
+            result.aborted_uploads += aborted
+        except CkptctlError as exc:
+            outcome = UnitOutcome(unit, "failed", detail=exc.message)
+            result.outcomes.append(outcome)
+            emit("failed", unit=unit, detail=exc.message)
+            if _fatal(exc):
+                raise
+            continue
+        seconds = time.monotonic() - started
+        result.outcomes.append(UnitOutcome(unit, "uploaded", sent, seconds))
+        emit("uploaded", unit=unit, bytes=sent, seconds=seconds)
+    if options.free_policy is not None:
+        _free_local(local, remote, scan.units, options, result, emit)
+    return result
+
+
+def _fatal(exc: CkptctlError) -> bool:
+    """Errors that will fail every other unit too (store gone, credentials, bucket): stop at once."""
+    return exc.code in (
+        "storage_unavailable",
+        "no_credentials",
+        "no_such_bucket",
+        "permission_denied",
+        "no_space",
+    )
+
+
+def _push_unit(
+    local: Location,
+    remote: Location,
+    view: RemoteView,
+    unit: Unit,
+    options: PushOptions,
+    on_bytes: Callable[[str, int], None] | None,
+) -> tuple[int, int]:
+    """Upload, verify and commit one unit; returns (bytes sent, stale multipart uploads aborted)."""
+    aborted = abort_stale_uploads(remote, unit.path + "/" if unit.kind == "dir" else unit.path)
+    previous = view.manifests.get(unit.path)
+    if previous is not None:
+        # The unit is being re-uploaded (corrupt or changed): it is not tiered until the new manifest lands.
+        remote.delete_files([manifest_rel(unit.path)], verify=False)
+
+    def progress(n: int) -> None:
+        if on_bytes:
+            on_bytes(unit.path, n)
+
+    data = [f for f in unit.files if posixpath.basename(f.path) not in COMPLETION_MARKERS]
+    markers = [f for f in unit.files if posixpath.basename(f.path) in COMPLETION_MARKERS]
+    done: dict[str, Uploaded] = {}
+    sent = 0
+    for batch in (data, markers):
+        for item in _transfer_batch(local, remote, view, [f.path for f in batch], options, progress):
+            done[item[0].rel] = item[0]
+            sent += item[1]
+    _verify_unit(remote, unit, done)
+    _check_unchanged(local, unit)
+    manifest = Manifest(
+        unit=unit.path,
+        kind=unit.kind,
+        step=unit.step,
+        layout=unit.layout.value,
+        files=tuple(
+            ManifestFile(f.path, done[f.path].size, done[f.path].digest, done[f.path].part_size, f.mtime)
+            for f in unit.files
+        ),
+        source=local.url,
+    )
+    remote.write_bytes(manifest_rel(unit.path), manifest.encode())
+    return sent, aborted
+
+
+def _transfer_batch(
+    local: Location,
+    remote: Location,
+    view: RemoteView,
+    rels: list[str],
+    options: PushOptions,
+    progress: Callable[[int], None],
+) -> list[tuple[Uploaded, int]]:
+    """Upload files: large ones one at a time with parallel parts, small ones side by side (memory stays
+    within ``jobs`` parts either way). A file the store already holds with our digest is not sent again."""
+
+    def one(rel: str, part_jobs: int) -> tuple[Uploaded, int]:
+        path = local.full_path(rel)
+        size = os.path.getsize(path)
+        parts = part_size_for(remote, size, options.part_size)
+        entry = view.entries.get(rel)
+        if entry is not None and entry.size == size:
+            theirs = store_digest(entry, parts)
+            if theirs is not None:
+                ours = digest_local_file(path, parts)
+                if ours == theirs:
+                    progress(size)
+                    return Uploaded(rel, size, ours, parts), 0
+        return upload(path, remote, rel, part_size=options.part_size, jobs=part_jobs, on_bytes=progress), size
+
+    big = [r for r in rels if os.path.getsize(local.full_path(r)) > options.part_size]
+    small = [r for r in rels if r not in set(big)]
+    results = [one(rel, options.jobs) for rel in big]
+    if small:
+        with ThreadPoolExecutor(max_workers=options.jobs, thread_name_prefix="ckptctl-file") as pool:
+            results += list(pool.map(lambda r: one(r, 1), small))
+    return results
+
+
+def _verify_unit(remote: Location, unit: Unit, done: dict[str, Uploaded]) -> None:
+    """List what the store holds for the unit now and compare it with what was sent."""
+    if unit.kind == "dir":
+        prefix = f"{unit.path}/"
+        fresh = {prefix + e.path: e for e in remote.child(unit.path).walk() if e.type == "file"}
+    else:
+        fresh = {unit.path: remote.stat(unit.path)}
+    for rel, sent in done.items():
+        entry = fresh.get(rel)
+        if entry is None or entry.size != sent.size:
+            found = "missing" if entry is None else f"{entry.size} bytes"
+            raise ChecksumMismatchError(
+                f"{remote.url_of(rel)}: {found} on the store after upload, sent {sent.size} bytes",
+                url=remote.url_of(rel),
+            )
+        theirs = store_digest(entry, sent.part_size)
+        if theirs is None:
+            theirs = reread_digest(remote, rel, sent.part_size)
+        if theirs != sent.digest:
+            raise ChecksumMismatchError(
+                f"{remote.url_of(rel)}: digest {theirs} on the store, sent {sent.digest}",
+                url=remote.url_of(rel),
+            )
+
+
+def _check_unchanged(local: Location, unit: Unit) -> None:
+    for item in unit.files:
+        try:
+            st = os.stat(local.full_path(item.path))
+        except FileNotFoundError:
+            raise CkptctlError(f"{local.url_of(item.path)} disappeared during the upload") from None
+        if st.st_size != item.size or (item.mtime is not None and abs(st.st_mtime - item.mtime) > 1e-6):
+            raise CkptctlError(
+                f"{local.url_of(item.path)} changed during the upload; {unit.path} was not tiered "
+                "(re-run once the trainer is done with it)"
+            )
+
+
+def _free_local(
+    local: Location,
+    remote: Location,
+    units: Sequence[Unit],
+    options: PushOptions,
+    result: PushResult,
+    emit: EventSink,
+) -> None:
+    """Delete local copies the keep rules do not protect, but only those a fresh remote listing verifies."""
+    from ckptctl.retention.metrics import load_metric_file
+
+    assert options.free_policy is not None
+    policy = options.free_policy
+    metrics = None
+    if policy.keep_best and policy.metric and options.metric_file is not None:
+        metrics = load_metric_file(options.metric_file, policy.metric, "step")
+    view = remote_view(remote)
+    decisions: list[Decision] = []
+    for decision in decide(units, policy, metrics):
+        if decision.action != "delete":
+            decisions.append(decision)
+            continue
+        manifest = view.manifests.get(decision.unit.path)
+        local_files = {(f.path, f.size) for f in decision.unit.files}
+        if manifest is None:
+            decisions.append(Decision(decision.unit, "keep", ("not tiered",)))
+            continue
+        check = check_manifest(view, manifest)
+        if not check.ok or local_files != {(f.path, f.size) for f in manifest.files}:
+            why = check.problems[0] if check.problems else "local files differ from the remote copy"
+            decisions.append(Decision(decision.unit, "keep", (f"remote copy not verified: {why}",)))
+            continue
+        decisions.append(Decision(decision.unit, "delete", (*decision.reasons, f"tiered ({check.state})")))
+    plan = PrunePlan(local.url, policy, tuple(decisions), (), (), time.time())
+    result.free_plan = plan
+    if options.dry_run or not plan.to_delete:
+        return
+
+    def relay(kind: str, unit: Unit, detail: str) -> None:
+        emit("freed" if kind == "deleted" else kind, unit=unit, detail=detail)
+
+    result.freed = execute(plan, local, settle_seconds=options.settle_seconds, on_event=relay)

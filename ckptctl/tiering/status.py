@@ -1,0 +1,111 @@
+"""``tier status``: where each checkpoint of a run is (local, remote, both) and whether the remote copy holds up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ckptctl.catalog.model import Unit
+from ckptctl.catalog.scan import scan_run
+from ckptctl.errors import NotFoundError
+from ckptctl.storage.location import Location
+from ckptctl.tiering.manifest import check_manifest, remote_view
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    path: str
+    step: int | None
+    local: str | None
+    """The local catalog status (complete, incomplete, …) or None when the checkpoint is not on the local disk."""
+    local_bytes: int
+    remote: str
+    """``verified``, ``size-only`` (store without checksums, no --verify), ``corrupt``, ``partial`` (objects but
+    no manifest: an interrupted push) or ``-`` (not on the remote)."""
+    remote_bytes: int
+    problems: tuple[str, ...] = ()
+
+    @property
+    def where(self) -> str:
+        on_remote = self.remote in ("verified", "size-only")
+        if self.local is not None and on_remote:
+            return "both"
+        if on_remote:
+            return "remote"
+        return "local" if self.local is not None else "nowhere"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "step": self.step,
+            "where": self.where,
+            "local": self.local,
+            "local_bytes": self.local_bytes,
+            "remote": self.remote,
+            "remote_bytes": self.remote_bytes,
+            "problems": list(self.problems),
+        }
+
+
+def tier_status(
+    local: Location, remote: Location, *, reread: bool = False, settle_seconds: float = 600.0
+) -> list[StatusRow]:
+    """One row per checkpoint found locally or named by a remote manifest, in step order."""
+    try:
+        units: tuple[Unit, ...] = scan_run(local, settle_seconds=settle_seconds, require_units=False).units
+    except NotFoundError:
+        if not local.is_local:
+            raise
+        units = ()  # everything may have been freed, or the run is being restored elsewhere
+    view = remote_view(remote)
+    rows: list[StatusRow] = []
+    seen: set[str] = set()
+    for unit in units:
+        seen.add(unit.path)
+        manifest = view.manifests.get(unit.path)
+        if manifest is None:
+            objects = view.objects_of(unit.path, unit.kind)
+            state = "partial" if objects else "-"
+            rows.append(
+                StatusRow(
+                    unit.path,
+                    unit.step,
+                    unit.status.value,
+                    unit.total_bytes,
+                    state,
+                    sum(e.size for e in objects),
+                    (f"{len(objects)} object(s) but no manifest",) if objects else (),
+                )
+            )
+            continue
+        check = check_manifest(view, manifest, reread=reread)
+        rows.append(
+            StatusRow(
+                unit.path,
+                unit.step,
+                unit.status.value,
+                unit.total_bytes,
+                check.state if check.ok else "corrupt",
+                manifest.total_bytes,
+                check.problems,
+            )
+        )
+    for path, manifest in view.manifests.items():
+        if path in seen:
+            continue
+        check = check_manifest(view, manifest, reread=reread)
+        rows.append(
+            StatusRow(
+                path,
+                manifest.step,
+                None,
+                0,
+                check.state if check.ok else "corrupt",
+                manifest.total_bytes,
+                check.problems,
+            )
+        )
+    for path, why in view.bad_manifests.items():
+        rows.append(StatusRow(path, None, None, 0, "corrupt", 0, (why,)))
+    rows.sort(key=lambda r: (r.step is None, r.step or 0, r.path))
+    return rows
