@@ -289,7 +289,7 @@ class Location:
         if self.is_local:
             return self._walk_local()
         with self.errors():
-            self.fs.invalidate_cache(self.root)
+            self._forget_listings()
             found = self.fs.find(self.root, detail=True)
         entries: list[FileEntry] = []
         folders: set[str] = set()
@@ -313,6 +313,16 @@ class Location:
         entries.extend(FileEntry(folder, "directory", 0, None) for folder in folders)
         entries.sort(key=lambda e: e.path)
         return entries
+
+    def _forget_listings(self) -> None:
+        """Drop cached listings of this location and everything below it (s3fs and gcsfs keep them forever, and
+        ``invalidate_cache(path)`` forgets the path and its parents, not its sub-folders)."""
+        self.fs.invalidate_cache(self.root)
+        cache = getattr(self.fs, "dircache", None)
+        if cache:
+            prefix = self.root.rstrip("/") + "/"
+            for key in [k for k in list(cache) if k.startswith(prefix)]:
+                cache.pop(key, None)
 
     def _raise_if_missing_or_file(self) -> None:
         """An empty listing on an object store means a missing prefix, a file, or a missing bucket."""
@@ -430,7 +440,7 @@ class Location:
             return [rel for rel in rels if os.path.lexists(self.full_path(rel))]
         wanted = set(rels)
         with self.errors():
-            self.fs.invalidate_cache(self.root)
+            self._forget_listings()
             present = self.fs.find(self.root)
         prefix = self.root.rstrip("/") + "/"
         remaining = {p[len(prefix) :] for p in present if p.startswith(prefix)}
@@ -457,9 +467,16 @@ class Location:
         return failed
 
     def require_bucket(self) -> None:
-        """Fail early (before hours of work) when the bucket to write into does not exist."""
-        if self._bucket_missing():
-            raise NoSuchBucketError(f"no such bucket: {self._bucket_url()}", url=self.url)
+        """Fail early (before hours of work) when the bucket to write into does not exist or the store cannot be
+        reached (an unreachable endpoint must not read as a missing bucket)."""
+        bucket = self._bucket()
+        if bucket is None:
+            return
+        try:
+            with self.errors():
+                self.fs.info(bucket)
+        except NotFoundError:
+            raise NoSuchBucketError(f"no such bucket: {self._bucket_url()}", url=self.url) from None
 
     def upload_file(self, local_path: str, rel: str) -> None:
         """Copy a local file to ``rel``. Object stores make it visible only once whole (single or multipart PUT);

@@ -145,11 +145,11 @@ def push(
         try:
             sent, aborted = _push_unit(local, remote, view, unit, options, on_bytes)
             result.aborted_uploads += aborted
-        except CkptctlError as exc:
-            outcome = UnitOutcome(unit, "failed", detail=exc.message)
-            result.outcomes.append(outcome)
-            emit("failed", unit=unit, detail=exc.message)
-            if _fatal(exc):
+        except (CkptctlError, OSError) as exc:
+            detail = exc.message if isinstance(exc, CkptctlError) else f"{type(exc).__name__}: {exc}"
+            result.outcomes.append(UnitOutcome(unit, "failed", detail=detail))
+            emit("failed", unit=unit, detail=detail)
+            if isinstance(exc, CkptctlError) and _fatal(exc):
                 raise
             continue
         seconds = time.monotonic() - started
@@ -314,7 +314,8 @@ def _free_local(
         if manifest is None:
             decisions.append(Decision(decision.unit, "keep", ("not tiered",)))
             continue
-        check = check_manifest(view, manifest)
+        # Where the store keeps no checksum, the copy is re-read: sizes alone never justify a deletion.
+        check = check_manifest(view, manifest, reread=True)
         if not check.ok or local_files != {(f.path, f.size) for f in manifest.files}:
             why = check.problems[0] if check.problems else "local files differ from the remote copy"
             decisions.append(Decision(decision.unit, "keep", (f"remote copy not verified: {why}",)))

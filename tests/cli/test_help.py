@@ -12,18 +12,25 @@ from tests.conftest import run_cli
 HEAVY = ("torch", "fsspec", "s3fs", "gcsfs", "numpy", "rich", "safetensors", "pydantic")
 
 
-def _commands() -> list[str]:
-    text = run_cli("--help").stdout
+def _commands(*group: str) -> list[str]:
+    text = run_cli(*group, "--help").stdout
     section = text.split("Commands:", 1)[1]
     return re.findall(r"^  (\S+)", section, re.MULTILINE)
 
 
 def test_every_command_has_help_with_an_example() -> None:
     commands = _commands()
-    assert "list" in commands and "example" in commands
+    assert "list" in commands and "example" in commands and "tier" in commands
     for command in commands:
         result = run_cli(command, "--help")
         assert result.returncode == 0, command
+        if "Commands:" in result.stdout:  # a group (tier): every subcommand teaches
+            subcommands = _commands(command)
+            assert subcommands, command
+            for sub in subcommands:
+                inner = run_cli(command, sub, "--help")
+                assert inner.returncode == 0 and "Example" in inner.stdout, f"{command} {sub} --help"
+            continue
         assert "Example" in result.stdout, f"{command} --help has no example"
 
 

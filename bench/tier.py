@@ -1,0 +1,257 @@
+"""``ckptctl tier push/pull`` throughput on moto against boto3 and s3fs, in one run.
+
+Two runs are made at bench time in a temporary folder: one unit holding a 1 GiB file, and 10 units of 100 MB
+(HF Trainer-shaped, random bytes). Each is pushed and pulled by:
+  ckptctl   ``ckptctl tier push RUN --to s3://...`` / ``tier pull`` as a subprocess (verification on: MD5 while
+            reading, compared with the store's ETag; manifest written; pull hashes and compares every file)
+  boto3     ``upload_file`` / ``download_file`` per file with the default TransferConfig (no verification);
+            downloads also with ``multipart_threshold`` above the file size (one GET), boto3's best on moto
+  s3fs      ``put`` of the file list / ``get`` (no verification)
+MB/s are 1e6 bytes per second of wall time; CPU is user+system seconds of the client process. The MD5 cost of
+verification is measured separately (hashlib over the same bytes). Objects are deleted between runs so that
+moto's memory stays bounded.
+
+Usage: python bench/tier.py [--repeat N] [--skip-small] [--skip-big]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import hashlib
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+from tests.conftest import start_moto
+
+MB = 10**6
+BIN = Path(sys.executable).parent
+
+
+def make_run(root: Path, units: int, size: int) -> list[Path]:
+    """An HF Trainer-shaped run; returns its data files."""
+    files = []
+    block = os.urandom(16 * 2**20)
+    for u in range(units):
+        unit = root / f"checkpoint-{(u + 1) * 100}"
+        unit.mkdir(parents=True)
+        data = unit / "model.safetensors"
+        with data.open("wb") as handle:
+            left = size
+            while left:
+                chunk = block[: min(left, len(block))]
+                # A different first byte per chunk keeps parts distinct (no accidental dedup anywhere).
+                handle.write(bytes([u % 256, left % 256]) + chunk[2:])
+                left -= len(chunk)
+        (unit / "trainer_state.json").write_text(f'{{"global_step": {(u + 1) * 100}, "log_history": []}}')
+        files.append(data)
+    old = time.time() - 3600
+    for path in root.rglob("*"):
+        os.utime(path, (old, old))
+    return files
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall seconds and client CPU seconds (this process and its children)."""
+    before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before, strict=True))
+    return wall, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-small", action="store_true")
+    parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--jobs", type=int, default=None)
+    args = parser.parse_args()
+
+    import boto3
+    import s3fs
+
+    server = start_moto()
+    endpoint = server.endpoint
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="bench")
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+    tmp = Path(tempfile.mkdtemp(prefix="ckptctl-bench-tier-"))
+    jobs = ["--jobs", str(args.jobs)] if args.jobs else []
+    scenarios = []
+    if not args.skip_big:
+        scenarios.append(("1 x 1 GiB", 1, 2**30))
+    if not args.skip_small:
+        scenarios.append(("10 x 100 MB", 10, 100 * MB))
+
+    try:
+        for title, units, size in scenarios:
+            bench_scenario(title, units, size, tmp, endpoint, client, fs, jobs, args.repeat)
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_scenario(
+    title: str, units: int, size: int, tmp: Path, endpoint: str, client, fs, jobs: list[str], repeat: int
+) -> None:
+    """Push and pull one generated run with every method, ``repeat`` times; print medians and ratios."""
+    from boto3.s3.transfer import TransferConfig
+
+    env = {**os.environ, "NO_PROXY": "127.0.0.1"}
+    one_get = TransferConfig(multipart_threshold=8 * 2**30)
+    dest = tmp / "pulled"
+
+    def wipe() -> None:
+        keys = [
+            o["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket="bench")
+            for o in page.get("Contents", [])
+        ]
+        for start in range(0, len(keys), 1000):
+            client.delete_objects(
+                Bucket="bench", Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]]}
+            )
+
+    run = tmp / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    files = make_run(run, units, size)
+    total = sum(f.stat().st_size for f in files)
+    rels = [f.relative_to(run).as_posix() for f in files]
+    start = time.process_time()
+    for f in files:
+        with f.open("rb") as handle:
+            digest = hashlib.md5(usedforsecurity=False)
+            while chunk := handle.read(8 * 2**20):
+                digest.update(chunk)
+    md5_cpu = time.process_time() - start
+    results: dict[str, list[tuple[float, float]]] = {}
+
+    def record(name: str, wall: float, cpu: float) -> None:
+        results.setdefault(name, []).append((wall, cpu))
+
+    for _ in range(repeat):
+        # push
+        wipe()
+        cmd = [
+            str(BIN / "ckptctl"),
+            "tier",
+            "push",
+            str(run),
+            "--to",
+            "s3://bench/run",
+            "--settle",
+            "0",
+            "-o",
+            f"endpoint_url={endpoint}",
+            "-q",
+            *jobs,
+        ]
+        record("push ckptctl", *timed(lambda cmd=cmd: subprocess.run(cmd, check=True, env=env)))
+        wipe()
+        record(
+            "push boto3 upload_file",
+            *timed(lambda: [client.upload_file(str(run / r), "bench", f"b/{r}") for r in rels]),
+        )
+        wipe()
+        record(
+            "push s3fs put",
+            *timed(lambda: fs.put([str(run / r) for r in rels], [f"bench/s/{r}" for r in rels])),
+        )
+        # pull (the ckptctl copy is pushed once more to pull it)
+        wipe()
+        subprocess.run(cmd, check=True, env=env)
+        for r in rels:
+            client.upload_file(str(run / r), "bench", f"b/{r}")
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir()
+        wall_sum = cpu_sum = 0.0
+        for u in range(units):
+            target = dest / f"checkpoint-{(u + 1) * 100}"
+            pull = [
+                str(BIN / "ckptctl"),
+                "tier",
+                "pull",
+                "s3://bench/run",
+                str(target),
+                "--step",
+                str((u + 1) * 100),
+                "-o",
+                f"endpoint_url={endpoint}",
+                "-q",
+                *jobs,
+            ]
+            wall, cpu = timed(lambda pull=pull: subprocess.run(pull, check=True, env=env))
+            wall_sum += wall
+            cpu_sum += cpu
+        record("pull ckptctl", wall_sum, cpu_sum)
+        shutil.rmtree(dest)
+        dest.mkdir()
+        record(
+            "pull boto3 download_file",
+            *timed(
+                lambda: [
+                    client.download_file("bench", f"b/{r}", str(dest / r.replace("/", "_"))) for r in rels
+                ]
+            ),
+        )
+        record(
+            "pull boto3 download_file (one GET)",
+            *timed(
+                lambda: [
+                    client.download_file("bench", f"b/{r}", str(dest / r.replace("/", "_")), Config=one_get)
+                    for r in rels
+                ]
+            ),
+        )
+        fs.invalidate_cache()
+        record(
+            "pull s3fs get",
+            *timed(
+                lambda: fs.get(
+                    [f"bench/b/{r}" for r in rels], [str(dest / r.replace("/", "_")) for r in rels]
+                )
+            ),
+        )
+        shutil.rmtree(dest)
+    wipe()
+    print(f"\n## {title} ({total / MB:.0f} MB), moto on 127.0.0.1, median of {repeat}")
+    print(f"{'method':40s} {'MB/s':>8s} {'wall s':>8s} {'CPU s':>8s}")
+    medians = {}
+    for name, runs in results.items():
+        wall = statistics.median(w for w, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        medians[name] = total / wall / MB
+        print(f"{name:40s} {medians[name]:8.1f} {wall:8.2f} {cpu:8.2f}")
+    print(f"MD5 of the data (verification cost, one pass): {md5_cpu:.2f} CPU s")
+    print(
+        f"ratio push ckptctl / boto3 upload_file: {medians['push ckptctl'] / medians['push boto3 upload_file']:.2f}x"
+    )
+    print(f"ratio push ckptctl / s3fs put: {medians['push ckptctl'] / medians['push s3fs put']:.2f}x")
+    print(
+        f"ratio pull ckptctl / boto3 download_file: {medians['pull ckptctl'] / medians['pull boto3 download_file']:.2f}x"
+    )
+    print(
+        f"ratio pull ckptctl / boto3 download_file (one GET): {medians['pull ckptctl'] / medians['pull boto3 download_file (one GET)']:.2f}x"
+    )
+    print(f"ratio pull ckptctl / s3fs get: {medians['pull ckptctl'] / medians['pull s3fs get']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""``ckptctl tier``: push, pull and status against local folders, memory://, S3 (moto) and GCS (emulator).
+
+Every check compares bytes with a pristine copy of the run, never with what ckptctl says about itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from ckptctl.retention.policy import Policy
+from ckptctl.storage import Location
+from ckptctl.storage.transfer import MiB
+from ckptctl.tiering.manifest import manifest_rel, remote_view
+from ckptctl.tiering.pull import pull
+from ckptctl.tiering.push import PushOptions, push
+from ckptctl.tiering.status import tier_status
+from tests.conftest import Backend, Server
+
+STEPS = (100, 200, 300)
+
+
+def make_run(
+    root: Path, steps: tuple[int, ...] = STEPS, size: int = 300_000, incomplete: int | None = 400
+) -> Path:
+    """HF Trainer checkpoints (weights, optimizer, trainer_state.json) dated an hour ago, plus a half-written one."""
+    for index, step in enumerate(steps):
+        unit = root / f"checkpoint-{step}"
+        unit.mkdir(parents=True)
+        (unit / "model.safetensors").write_bytes(os.urandom(size))
+        (unit / "optimizer.pt").write_bytes(os.urandom(size // 3 + index))
+        (unit / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    if incomplete is not None:
+        unit = root / f"checkpoint-{incomplete}"
+        unit.mkdir(parents=True)
+        (unit / "model.safetensors").write_bytes(os.urandom(size // 2))
+    old = time.time() - 3600
+    for index, path in enumerate(sorted(root.rglob("*"))):
+        os.utime(path, (old + index, old + index))
+    return root
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".ckptctl")
+    }
+
+
+def remote_bytes(location: Location, rel: str) -> bytes:
+    return location.read_bytes(rel)
+
+
+def test_push_status_pull_round_trip(backend: Backend, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    original = tree(run)
+    remote = backend.location("remote")
+    local = Location.from_url(str(run))
+
+    result = push(local, remote, PushOptions(settle_seconds=0, jobs=3))
+
+    assert sorted(o.unit.step for o in result.outcomes if o.action == "uploaded") == list(STEPS)
+    view = remote_view(remote)
+    assert set(view.manifests) == {f"checkpoint-{s}" for s in STEPS}  # never the half-written 400
+    assert not remote.exists(manifest_rel("checkpoint-400"))
+    for rel, data in original.items():
+        if not rel.startswith("checkpoint-400"):
+            assert remote_bytes(remote, rel) == data, rel
+    expected_state = "verified" if backend.name in ("s3", "gcs") else "size-only"
+    rows = {r.path: r for r in tier_status(local, remote, settle_seconds=0)}
+    assert {rows[f"checkpoint-{s}"].remote for s in STEPS} == {expected_state}
+    assert rows["checkpoint-400"].remote == "-" and rows["checkpoint-400"].where == "local"
+    assert {r.remote for r in tier_status(local, remote, reread=True, settle_seconds=0) if r.step != 400} == {
+        "verified"
+    }
+
+    # A second push uploads nothing.
+    again = push(local, remote, PushOptions(settle_seconds=0))
+    assert {o.action for o in again.outcomes} == {"already"} and again.uploaded_bytes == 0
+
+    dest = tmp_path / "restored" / "checkpoint-200"
+    dest.parent.mkdir()
+    pulled = pull(remote, str(dest), step=200)
+    assert pulled.manifest.unit == "checkpoint-200"
+    assert tree(dest) == {
+        k.split("/", 1)[1]: v for k, v in original.items() if k.startswith("checkpoint-200/")
+    }
+    # Times come back too: the catalog orders and settles checkpoints by them.
+    source = run / "checkpoint-200" / "model.safetensors"
+    assert abs((dest / "model.safetensors").stat().st_mtime - source.stat().st_mtime) < 1e-3
+    assert [p.name for p in dest.parent.iterdir()] == ["checkpoint-200"]
+
+
+def test_s3_multipart_digest_is_the_etag_and_stale_uploads_are_aborted(
+    moto_server: Server, tmp_path: Path
+) -> None:
+    import s3fs
+
+    backend = make_s3(moto_server)
+    run = make_run(tmp_path / "run", steps=(100,), size=12 * MiB, incomplete=None)
+    remote = backend.location("remote")
+    fs = s3fs.S3FileSystem(endpoint_url=moto_server.endpoint)
+    bucket = backend.url.removeprefix("s3://")
+    # What a killed push leaves behind: an unfinished multipart upload under the unit.
+    stale = fs.call_s3(
+        "create_multipart_upload", Bucket=bucket, Key="remote/checkpoint-100/model.safetensors"
+    )
+
+    result = push(Location.from_url(str(run)), remote, PushOptions(settle_seconds=0, part_size=5 * MiB))
+
+    assert result.aborted_uploads == 1
+    left = fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+    assert stale["UploadId"] not in {u["UploadId"] for u in left} and not left
+    manifest = remote_view(remote).manifests["checkpoint-100"]
+    weights = next(f for f in manifest.files if f.path.endswith("model.safetensors"))
+    assert weights.part_size == 5 * MiB and weights.digest.endswith("-3")
+    assert fs.info(f"{bucket}/remote/checkpoint-100/model.safetensors")["ETag"].strip('"') == weights.digest
+    dest = tmp_path / "back"
+    pull(remote, str(dest), latest=True)
+    assert tree(dest) == {k.split("/", 1)[1]: v for k, v in tree(run).items()}
+
+
+def make_s3(server: Server) -> Backend:
+    import uuid
+
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"bucket-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem(endpoint_url=server.endpoint).mkdir(bucket)
+    return Backend("s3", f"s3://{bucket}", {"endpoint_url": server.endpoint})
+
+
+def test_keep_local_frees_only_verified_copies(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", steps=(100, 200, 300, 500))
+    original = tree(run)
+    remote_root = tmp_path / "remote"
+    local = Location.from_url(str(run))
+    remote = Location.from_url(str(remote_root))
+    # 100 is tiered by an earlier push; then its remote copy is damaged (same size, different bytes).
+    push(local, remote, PushOptions(settle_seconds=0, steps=frozenset({100})))
+    damaged = remote_root / "checkpoint-100" / "optimizer.pt"
+    damaged.write_bytes(bytes(len(damaged.read_bytes())))
+    # 300 will be refused by the store: a folder where its weights would go.
+    (remote_root / "checkpoint-300" / "model.safetensors").mkdir(parents=True)
+
+    result = push(
+        local,
+        remote,
+        PushOptions(
+            settle_seconds=0, free_policy=Policy.build(keep_last=1), steps=frozenset({200, 300, 500})
+        ),
+    )
+
+    assert [o.unit.step for o in result.failed] == [300]
+    assert result.freed is not None
+    # Only 200: 100's remote copy is corrupt (found by re-reading it: a local folder keeps no checksums), 300
+    # failed, 500 is the newest (--keep-local-last 1), 400 is half-written and was never pushed.
+    assert [u.path for u in result.freed.deleted] == ["checkpoint-200"]
+    reasons = {d.unit.path: d.reasons for d in result.free_plan.decisions}
+    assert any("remote copy not verified" in r and "optimizer.pt" in r for r in reasons["checkpoint-100"])
+    assert reasons["checkpoint-300"] == ("not tiered",)
+    for rel, data in original.items():
+        if rel.startswith("checkpoint-200/"):
+            assert not (run / rel).exists()
+            assert (remote_root / rel).read_bytes() == data
+        else:
+            assert (run / rel).read_bytes() == data
