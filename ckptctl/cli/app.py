@@ -15,6 +15,7 @@ import typer
 from ckptctl import __version__
 from ckptctl.cli.commands.consolidate import consolidate
 from ckptctl.cli.commands.example import example
+from ckptctl.cli.commands.extract_lora import extract_lora
 from ckptctl.cli.commands.inspect import inspect_checkpoint
 from ckptctl.cli.commands.list_checkpoints import list_checkpoints
 from ckptctl.cli.commands.prune import prune
@@ -53,6 +54,7 @@ app.command("example")(example)
 app.command("prune")(prune)
 app.command("inspect")(inspect_checkpoint)
 app.command("consolidate")(consolidate)
+app.command("extract-lora")(extract_lora)
 app.add_typer(tier_app, name="tier")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ckptctl.errors import IntegrityError
@@ -49,6 +49,8 @@ class SafetensorsHeader:
     tensors: tuple[TensorInfo, ...]
     defects: tuple[Defect, ...]
     """Problems found while validating (a truncated data buffer still lists its tensors)."""
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Each tensor's bytes [start, end) in the file (absolute offsets), for streaming reads."""
 
 
 def _bad(source: FileSource, message: str) -> IntegrityError:
@@ -135,6 +137,11 @@ def _validate(source: FileSource, length: int, header: dict[str, Any]) -> Safete
         defect(f"data cut short: header needs {expected_size} bytes, file has {source.size} (truncated)")
     elif expected_size < source.size:
         defect(f"{source.size - expected_size} bytes after the last tensor (header needs {expected_size})")
+    base = 8 + length
     return SafetensorsHeader(
-        length, {str(k): str(v) for k, v in metadata.items()}, tuple(tensors), tuple(defects)
+        length,
+        {str(k): str(v) for k, v in metadata.items()},
+        tuple(tensors),
+        tuple(defects),
+        {name: (base + begin, base + end) for begin, end, name in spans},
     )
