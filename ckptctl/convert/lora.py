@@ -161,6 +161,7 @@ def plan_adapter(
     settings = dict(UNKNOWABLE_DEFAULTS)
     settings["lora_alpha"] = None
     if template:
+        settings["_template"] = template
         for key in (*UNKNOWABLE_DEFAULTS, "lora_alpha"):
             if key in template:
                 settings[key] = template[key]
@@ -236,6 +237,21 @@ def target_modules_for(targeted: set[str], modules: set[str]) -> list[str]:
     return names
 
 
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    r"""PEFT's rank_pattern/alpha_pattern lookup: keys are regexes matched as ``(.*\.)?(key)$``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _targets(spelled: list[str] | str, module: str) -> bool:
+    """Whether PEFT's ``target_modules`` (a regex string, or names matched as suffixes) selects ``module``."""
+    if isinstance(spelled, str):
+        return re.fullmatch(spelled, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in spelled)
+
+
 def _short(module: str) -> str:
     return module[len(PREFIX) :] if module.startswith(PREFIX) else module
 
@@ -255,8 +271,28 @@ def _config(
     modules = module_names(keys)
     counts = Counter(ranks.values())
     r = max(counts, key=lambda v: (counts[v], v)) if counts else 8
-    rank_pattern = {re.escape(_short(m)): k for m, k in sorted(ranks.items()) if k != r}
-    target_modules = target_modules_for(targeted, modules)
+    rank_pattern: dict[str, int] = {re.escape(_short(m)): k for m, k in sorted(ranks.items()) if k != r}
+    target_modules: list[str] | str = target_modules_for(targeted, modules)
+    saved: list[str] | None = sorted({_short(m).rsplit(".", 1)[-1] for m in saved_modules}) or None
+    template = settings.get("_template") or {}
+    # A config found beside SRC keeps its own spelling (rank_pattern keys, target_modules, modules_to_save) when
+    # it says what the weights show; where it disagrees, the weights win.
+    if isinstance(template.get("r"), int) and all(
+        _pattern_value(template.get("rank_pattern") or {}, _short(m), template["r"]) == k
+        for m, k in ranks.items()
+    ):
+        r, rank_pattern = template["r"], dict(template.get("rank_pattern") or {})
+    spelled = template.get("target_modules")
+    if spelled and {_short(m) for m in modules | targeted if _targets(spelled, _short(m))} == {
+        _short(m) for m in targeted
+    }:
+        target_modules = spelled
+    if (
+        template.get("modules_to_save")
+        and saved_modules
+        and all(any(_short(m).endswith(t) for t in template["modules_to_save"]) for m in saved_modules)
+    ):
+        saved = list(template["modules_to_save"])
     fan_in_fan_out = False
     for module in targeted:
         base = tensors.get(f"{module}.base_layer.weight")
@@ -279,7 +315,7 @@ def _config(
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "target_modules": target_modules,
-        "modules_to_save": sorted({_short(m).rsplit(".", 1)[-1] for m in saved_modules}) or None,
+        "modules_to_save": saved,
         "use_dora": dora,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": settings["bias"],
