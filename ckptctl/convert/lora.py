@@ -112,7 +112,11 @@ def find_adapter_config(location: Location, levels: int = 3) -> dict[str, Any] |
     except NotFoundError:
         is_dir = False
     folder = root if is_dir else posixpath.dirname(root)
+    # Never above the bucket on an object store (its root "folder" is the bucket itself).
+    floor = 0 if location.is_local or location.protocol == "memory" else 1
     for _ in range(levels + 1):
+        if folder.strip("/").count("/") < floor:
+            break
         candidates.append(posixpath.join(folder, "adapter_config.json"))
         parent = posixpath.dirname(folder)
         if parent == folder:
@@ -124,7 +128,7 @@ def find_adapter_config(location: Location, levels: int = 3) -> dict[str, Any] |
                 data = json.loads(location.fs.cat_file(path))
                 if isinstance(data, dict) and data.get("peft_type", "LORA") == "LORA":
                     return data
-        except (OSError, ValueError):
+        except Exception:  # a best-effort look around: an unreadable candidate is just not a config
             continue
     return None
 
