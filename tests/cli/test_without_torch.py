@@ -49,3 +49,26 @@ def test_list_runs_without_torch(tmp_path: Path, shared_fixtures: Path) -> None:
     body, loaded, code = run_without_torch("list", str(tmp_path / "mixed"), "--json")
     assert code in ("0", "None") and not loaded
     assert {u["layout"] for u in json.loads(body)["data"]["units"]} == {"deepspeed", "file", "unknown"}
+
+
+def test_tier_and_checkpoint_lora_extraction_run_without_torch(tmp_path: Path, shared_fixtures: Path) -> None:
+    run = write_example_run(tmp_path / "run")
+    remote = tmp_path / "remote"
+    _, loaded, code = run_without_torch(
+        "tier", "push", str(run), "--to", str(remote), "--keep-local-last", "2", "-q"
+    )
+    assert code in ("0", "None") and not loaded
+    body, loaded, code = run_without_torch("tier", "status", str(run), "--remote", str(remote), "--json")
+    assert code in ("0", "None") and not loaded
+    assert {u["where"] for u in json.loads(body)["data"]["units"]} >= {"remote", "both"}
+    _, loaded, code = run_without_torch(
+        "tier", "pull", str(remote), str(tmp_path / "back"), "--step", "100", "-q"
+    )
+    assert code in ("0", "None") and not loaded and (tmp_path / "back" / "trainer_state.json").exists()
+    zero3 = shared_fixtures / "lora" / "lora_basic" / "deepspeed_zero3"
+    _, loaded, code = run_without_torch(
+        "extract-lora", str(zero3), str(tmp_path / "adapter"), "--alpha", "16", "-q"
+    )
+    assert (
+        code in ("0", "None") and not loaded and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    )
