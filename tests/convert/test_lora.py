@@ -315,3 +315,17 @@ def test_bad_input_is_one_line_with_its_exit_code(lora_dir: Path, tmp_path: Path
     for result in (no_lora, no_alpha, exists, cut, shapes):
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 2
     assert not [p for p in os.listdir(tmp_path) if p.endswith("ckptctl-partial")]
+
+
+def test_svd_from_object_store_inputs(moto_server, lora_dir: Path, tmp_path: Path, request) -> None:
+    from tests.conftest import make_backend
+
+    backend = make_backend("s3", tmp_path, request)
+    base = backend.put_tree(lora_dir / "bases" / "llama", "base")
+    tuned = backend.put_tree(lora_dir / "lora_basic" / "merged", "tuned")
+    run = run_cli("extract-lora", "--base", base, "--tuned", tuned, str(tmp_path / "out"), "--rank", "8", "--json",
+                  *backend.cli_options)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)["data"]
+    assert len(data["modules"]) == 14 and data["max_relative_error"] < 1e-5
+    assert data["config"]["task_type"] == "CAUSAL_LM"  # read from the tuned model's config.json on S3

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -169,3 +170,22 @@ def test_keep_local_frees_only_verified_copies(tmp_path: Path) -> None:
             assert (remote_root / rel).read_bytes() == data
         else:
             assert (run / rel).read_bytes() == data
+
+
+def test_pull_resumes_from_its_partial_folder(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", steps=(100,), size=2_000_000, incomplete=None)
+    remote = Location.from_url(str(tmp_path / "remote"))
+    push(Location.from_url(str(run)), remote, PushOptions(settle_seconds=0))
+    dest = tmp_path / "out" / "checkpoint-100"
+    dest.parent.mkdir()
+    # What a killed pull leaves: one file whole and verified-to-be, one cut short.
+    partial = tmp_path / "out" / ".checkpoint-100.ckptctl-partial"
+    partial.mkdir()
+    shutil.copy2(run / "checkpoint-100" / "model.safetensors", partial / "model.safetensors")
+    (partial / "optimizer.pt").write_bytes((run / "checkpoint-100" / "optimizer.pt").read_bytes()[:1000])
+
+    result = pull(remote, str(dest), step=100)
+
+    assert result.reused_bytes == (run / "checkpoint-100" / "model.safetensors").stat().st_size
+    assert tree(dest) == {k.split("/", 1)[1]: v for k, v in tree(run).items()}
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["checkpoint-100"]

@@ -19,7 +19,7 @@ import pytest
 from ckptctl.storage import Location
 from ckptctl.tiering.manifest import check_manifest, remote_view
 from tests.conftest import Backend, Server, free_port, run_cli, start_moto
-from tests.tiering.test_tier import make_run, make_s3, tree
+from tests.tiering.test_tier import make_run, tree
 
 CLI = [sys.executable, "-m", "ckptctl"]
 
@@ -47,15 +47,17 @@ def check_invariants(run: Path, original: dict[str, bytes], remote: Location) ->
     return set(view.manifests)
 
 
-@pytest.mark.parametrize("store", ["local", "s3"])
+@pytest.mark.parametrize("store", ["local", "s3", "gcs"])
 def test_kill_minus_9_never_frees_or_commits_what_is_not_safe(
     store: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """32 trials in all: each from a fresh run, push --keep-local-last 1 killed at a random moment of its
+    """38 trials in all: each from a fresh run, push --keep-local-last 1 killed at a random moment of its
     measured duration; after every kill the invariants hold, and every 4th trial a re-run completes the job."""
-    trials = 18 if store == "local" else 14
-    rng = random.Random(7 if store == "local" else 8)
-    backend = make_s3(request.getfixturevalue("moto_server")) if store == "s3" else None
+    from tests.conftest import make_backend
+
+    trials = {"local": 18, "s3": 14, "gcs": 6}[store]
+    rng = random.Random(store)
+    backend = None if store == "local" else make_backend(store, tmp_path, request)
     pristine = make_run(
         tmp_path / "pristine", steps=(100, 200, 300, 400, 500), size=3_000_000, incomplete=600
     )
@@ -109,8 +111,8 @@ def test_kill_minus_9_never_frees_or_commits_what_is_not_safe(
                 k: v for k, v in original.items() if k.split("/")[0] in ("checkpoint-500", "checkpoint-600")
             }
             assert tree(run) == kept
-            if backend is not None:  # every multipart upload a kill left behind was aborted by the re-run
-                bucket = backend.url.removeprefix("s3://")
+            if store == "s3":  # every multipart upload a kill left behind was aborted by the re-run
+                bucket = backend.url.removeprefix("s3://")  # type: ignore[union-attr]
                 uploads = remote.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=f"remote{trial}/")
                 assert not uploads.get("Uploads")
         shutil.rmtree(run)
