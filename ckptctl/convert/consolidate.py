@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from ckptctl.convert.safetensors_writer import PlannedTensor, SafetensorsStream
+from ckptctl.convert.tensor_sources import Range, TensorSource, contiguous
 from ckptctl.errors import IntegrityError, NotFoundError, RefusedError, UsageError
-from ckptctl.formats.model import DTYPE_BITS
 from ckptctl.formats.source import FileSource
 from ckptctl.formats.torch_zip import TensorRecord, TorchArchive, read_torch_archive
 from ckptctl.storage.atomic import atomic_local_file
@@ -34,21 +34,12 @@ OUTPUT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
-class Piece:
-    """Bytes [start, end) of one file of the tag."""
-
-    rel: str
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
 class SourceTensor:
     name: str
     dtype: str
     """The dtype of the bytes in the pieces."""
     shape: tuple[int, ...]
-    pieces: tuple[Piece, ...]
+    pieces: tuple[Range, ...]
     """Concatenated, then cut to the tensor's size (ZeRO-3 partitions are padded)."""
 
     @property
@@ -107,20 +98,12 @@ def _records(archive: TorchArchive) -> dict[tuple[Any, ...], TensorRecord]:
     return {record.path: record for record in archive.tensors}
 
 
-def _contiguous(record: TensorRecord) -> bool:
-    expected, stride = 1, []
-    for dim in reversed(record.shape):
-        stride.append(expected)
-        expected *= dim
-    return tuple(reversed(stride)) == record.stride or record.numel <= 1
-
-
-def _range(archive: TorchArchive, record: TensorRecord, first: int, count: int) -> Piece:
+def _range(archive: TorchArchive, record: TensorRecord, first: int, count: int) -> Range:
     """Elements [first, first + count) of a contiguous tensor, as a byte range of its file."""
-    if not _contiguous(record):
+    if not contiguous(record.shape, record.stride):
         raise IntegrityError(f"{archive.source.name}: tensor {record.name} is not contiguous")
     start = archive.tensor_byte_offset(record) + first * record.itemsize
-    return Piece(archive.source.rel, start, start + count * record.itemsize)
+    return Range(archive.source.rel, start, start + count * record.itemsize)
 
 
 def _shape(value: Any) -> tuple[int, ...]:
@@ -279,7 +262,7 @@ def _stage12(
     return out
 
 
-def _span(parts: list[tuple[TorchArchive, TensorRecord]], first: int, count: int) -> list[Piece]:
+def _span(parts: list[tuple[TorchArchive, TensorRecord]], first: int, count: int) -> list[Range]:
     """Elements [first, first + count) of the concatenation of the ranks' partitions."""
     pieces, start = [], 0
     for archive, record in parts:
@@ -532,27 +515,12 @@ def _consolidate_to_store(
     return replace(result, output=target.url_of(final))
 
 
-READ_CHUNK_BYTES = 64 * 2**20
-
-
 def _tensor_chunks(src: Location, tensor: SourceTensor, target: str) -> Iterator[bytes]:
-    """A tensor's bytes in ``target`` dtype, read piece by piece in chunks of at most 64 MiB and cut to the
-    tensor's size (ZeRO-3 partitions are padded): memory stays bounded whatever the tensor's size."""
-    itemsize = DTYPE_BITS[tensor.dtype] // 8
-    remaining = tensor.numel * itemsize
-    step = READ_CHUNK_BYTES - READ_CHUNK_BYTES % itemsize
-    for piece in tensor.pieces:
-        start = piece.start
-        while start < piece.end and remaining > 0:
-            end = min(piece.end, start + step, start + remaining)
-            data = src.read_range(piece.rel, start, end)
-            if len(data) != end - start:
-                raise IntegrityError(f"{src.url}: {piece.rel} is truncated (tensor {tensor.name})")
-            remaining -= len(data)
-            start = end
-            yield cast(data, tensor.dtype, target)
-    if remaining:
-        raise IntegrityError(f"{src.url}: {tensor.pieces[0].rel} is truncated (tensor {tensor.name})")
+    """A tensor's bytes in ``target`` dtype, read in bounded chunks and cut to its size (ZeRO-3 partitions are
+    padded): memory stays bounded whatever the tensor's size."""
+    source = TensorSource(src, tensor.name, tensor.dtype, tensor.shape, tensor.pieces)
+    for data in source.chunks():
+        yield cast(data, tensor.dtype, target)
 
 
 def _copy_configs(src: Location, folder: str) -> list[str]:

@@ -37,6 +37,8 @@ _NUMPY = {
 
 @dataclass(frozen=True)
 class Range:
+    """Bytes [start, end) of one file, relative to the tensor's location."""
+
     rel: str
     start: int
     end: int
@@ -101,7 +103,7 @@ def _safetensors(location: Location, rel: str, size: int) -> dict[str, TensorSou
     }
 
 
-def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+def contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     expected, wanted = 1, []
     for dim in reversed(shape):
         wanted.append(expected)
@@ -113,7 +115,7 @@ def _torch(location: Location, rel: str, size: int) -> dict[str, TensorSource]:
     archive: TorchArchive = read_torch_archive(FileSource(location, rel, size))
     found: dict[str, TensorSource] = {}
     for record in archive.tensors:
-        if not _contiguous(record.shape, record.stride):
+        if not contiguous(record.shape, record.stride):
             raise IntegrityError(f"{location.url_of(rel)}: tensor {record.name} is not contiguous")
         start = archive.tensor_byte_offset(record)
         end = start + record.numel * record.itemsize

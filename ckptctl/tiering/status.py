@@ -9,7 +9,7 @@ from ckptctl.catalog.model import Unit
 from ckptctl.catalog.scan import scan_run
 from ckptctl.errors import NotFoundError
 from ckptctl.storage.location import Location
-from ckptctl.tiering.manifest import check_manifest, remote_view
+from ckptctl.tiering.manifest import Manifest, RemoteView, check_manifest, remote_view
 
 
 @dataclass(frozen=True)
@@ -78,34 +78,22 @@ def tier_status(
                 )
             )
             continue
-        check = check_manifest(view, manifest, reread=reread)
-        rows.append(
-            StatusRow(
-                unit.path,
-                unit.step,
-                unit.status.value,
-                unit.total_bytes,
-                check.state if check.ok else "corrupt",
-                manifest.total_bytes,
-                check.problems,
-            )
-        )
+        rows.append(_checked(view, manifest, unit.status.value, unit.total_bytes, reread))
     for path, manifest in view.manifests.items():
-        if path in seen:
-            continue
-        check = check_manifest(view, manifest, reread=reread)
-        rows.append(
-            StatusRow(
-                path,
-                manifest.step,
-                None,
-                0,
-                check.state if check.ok else "corrupt",
-                manifest.total_bytes,
-                check.problems,
-            )
-        )
+        if path not in seen:
+            rows.append(_checked(view, manifest, None, 0, reread))
     for path, why in view.bad_manifests.items():
         rows.append(StatusRow(path, None, None, 0, "corrupt", 0, (why,)))
     rows.sort(key=lambda r: (r.step is None, r.step or 0, r.path))
     return rows
+
+
+def _checked(
+    view: RemoteView, manifest: Manifest, local: str | None, local_bytes: int, reread: bool
+) -> StatusRow:
+    """The row of a checkpoint that has a manifest: what the store holds, checked against it."""
+    check = check_manifest(view, manifest, reread=reread)
+    state = check.state if check.ok else "corrupt"
+    return StatusRow(
+        manifest.unit, manifest.step, local, local_bytes, state, manifest.total_bytes, check.problems
+    )
