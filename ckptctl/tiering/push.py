@@ -104,13 +104,16 @@ def select_units(units: Sequence[Unit], options: PushOptions, now: float) -> lis
     return chosen
 
 
+def same_files(unit: Unit, manifest: Manifest) -> bool:
+    """Whether the local unit is still what the manifest describes: same files, sizes and modification times
+    (a file rewritten since the upload, even at the same size, makes the remote copy a different checkpoint)."""
+    local = {(f.path, f.size, f.mtime) for f in unit.files}
+    return local == {(f.path, f.size, f.mtime) for f in manifest.files}
+
+
 def _already_tiered(view: RemoteView, unit: Unit) -> bool:
     manifest = view.manifests.get(unit.path)
-    if manifest is None:
-        return False
-    local = {(f.path, f.size) for f in unit.files}
-    remote = {(f.path, f.size) for f in manifest.files}
-    return local == remote and check_manifest(view, manifest).ok
+    return manifest is not None and same_files(unit, manifest) and check_manifest(view, manifest).ok
 
 
 def push(
@@ -310,13 +313,12 @@ def _free_local(
             decisions.append(decision)
             continue
         manifest = view.manifests.get(decision.unit.path)
-        local_files = {(f.path, f.size) for f in decision.unit.files}
         if manifest is None:
             decisions.append(Decision(decision.unit, "keep", ("not tiered",)))
             continue
         # Where the store keeps no checksum, the copy is re-read: sizes alone never justify a deletion.
         check = check_manifest(view, manifest, reread=True)
-        if not check.ok or local_files != {(f.path, f.size) for f in manifest.files}:
+        if not check.ok or not same_files(decision.unit, manifest):
             why = check.problems[0] if check.problems else "local files differ from the remote copy"
             decisions.append(Decision(decision.unit, "keep", (f"remote copy not verified: {why}",)))
             continue

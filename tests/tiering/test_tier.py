@@ -189,3 +189,19 @@ def test_pull_resumes_from_its_partial_folder(tmp_path: Path) -> None:
     assert result.reused_bytes == (run / "checkpoint-100" / "model.safetensors").stat().st_size
     assert tree(dest) == {k.split("/", 1)[1]: v for k, v in tree(run).items()}
     assert sorted(p.name for p in dest.parent.iterdir()) == ["checkpoint-100"]
+
+
+def test_a_file_rewritten_after_upload_is_uploaded_again_before_its_local_copy_goes(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", steps=(100, 200), incomplete=None)
+    local, remote = Location.from_url(str(run)), Location.from_url(str(tmp_path / "remote"))
+    push(local, remote, PushOptions(settle_seconds=0))
+    rewritten = run / "checkpoint-100" / "optimizer.pt"
+    new_bytes = os.urandom(rewritten.stat().st_size)  # same size: only the time and the bytes tell
+    rewritten.write_bytes(new_bytes)
+    os.utime(rewritten, (time.time() - 1800, time.time() - 1800))
+
+    result = push(local, remote, PushOptions(settle_seconds=0, free_policy=Policy.build(keep_last=1)))
+
+    assert [o.unit.path for o in result.outcomes if o.action == "uploaded"] == ["checkpoint-100"]
+    assert result.freed is not None and [u.path for u in result.freed.deleted] == ["checkpoint-100"]
+    assert (tmp_path / "remote" / "checkpoint-100" / "optimizer.pt").read_bytes() == new_bytes
