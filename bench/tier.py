@@ -1,9 +1,11 @@
-"""``ckptctl tier push/pull`` throughput on moto against boto3 and s3fs, in one run.
+"""``ckptctl tier push/pull`` throughput on moto (or Ceph RGW) against boto3 and s3fs, in one run.
 
 Two runs are made at bench time in a temporary folder: one unit holding a 1 GiB file, and 10 units of 100 MB
 (HF Trainer-shaped, random bytes). Each is pushed and pulled by:
-  ckptctl   ``ckptctl tier push RUN --to s3://...`` / ``tier pull`` as a subprocess (verification on: MD5 while
-            reading, compared with the store's ETag; manifest written; pull hashes and compares every file)
+  ckptctl   ``ckptctl tier push RUN --to s3://...`` / ``tier pull URL DEST --all`` as a subprocess (verification
+            on: MD5 while reading, compared with the store's ETag; manifest written; pull fetches the parts of
+            each file as parallel ranged GETs, hashes and compares every file); pull also with ``--jobs 1``
+            (one GET per file)
   boto3     ``upload_file`` / ``download_file`` per file with the default TransferConfig (no verification);
             downloads also with ``multipart_threshold`` above the file size (one GET), boto3's best on moto
   s3fs      ``put`` of the file list / ``get`` (no verification)
@@ -11,7 +13,10 @@ MB/s are 1e6 bytes per second of wall time; CPU is user+system seconds of the cl
 verification is measured separately (hashlib over the same bytes). Objects are deleted between runs so that
 moto's memory stays bounded.
 
-Usage: python bench/tier.py [--repeat N] [--skip-small] [--skip-big]
+``--server rgw`` runs against Ceph RGW, a real S3 server that validates Content-MD5 (started and stopped by
+``../shared/tools/servers.sh``; needs the Debian packages radosgw ceph-mon ceph-osd).
+
+Usage: python bench/tier.py [--server moto|rgw] [--repeat N] [--skip-small] [--skip-big] [--jobs N]
 """
 
 from __future__ import annotations
@@ -40,6 +45,28 @@ from tests.conftest import start_moto
 
 MB = 10**6
 BIN = Path(sys.executable).parent
+SERVERS_SH = Path(__file__).resolve().parent.parent.parent / "shared" / "tools" / "servers.sh"
+RGW_ENDPOINT = "http://127.0.0.1:7480"
+
+
+class Rgw:
+    """Ceph RGW started by ../shared/tools/servers.sh (its own state folder, stopped by recorded PIDs)."""
+
+    endpoint = RGW_ENDPOINT
+
+    def __init__(self) -> None:
+        self.env = {
+            **os.environ,
+            "VENV": str(BIN.parent),
+            "STATE_DIR": tempfile.mkdtemp(prefix="ckptctl-rgw-"),
+        }
+        subprocess.run(
+            ["bash", str(SERVERS_SH), "start", "rgw"], check=True, env=self.env, capture_output=True
+        )
+        os.environ.update(AWS_ACCESS_KEY_ID="testkey", AWS_SECRET_ACCESS_KEY="testsecret")
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(SERVERS_SH), "stop", "rgw"], env=self.env, capture_output=True)
 
 
 def make_run(root: Path, units: int, size: int) -> list[Path]:
@@ -78,6 +105,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--server", choices=["moto", "rgw"], default="moto")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-small", action="store_true")
     parser.add_argument("--skip-big", action="store_true")
@@ -87,7 +115,7 @@ def main() -> None:
     import boto3
     import s3fs
 
-    server = start_moto()
+    server = Rgw() if args.server == "rgw" else start_moto()
     endpoint = server.endpoint
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="bench")
@@ -102,14 +130,23 @@ def main() -> None:
 
     try:
         for title, units, size in scenarios:
-            bench_scenario(title, units, size, tmp, endpoint, client, fs, jobs, args.repeat)
+            bench_scenario(title, units, size, tmp, endpoint, client, fs, jobs, args.repeat, args.server)
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def bench_scenario(
-    title: str, units: int, size: int, tmp: Path, endpoint: str, client, fs, jobs: list[str], repeat: int
+    title: str,
+    units: int,
+    size: int,
+    tmp: Path,
+    endpoint: str,
+    client,
+    fs,
+    jobs: list[str],
+    repeat: int,
+    server: str,
 ) -> None:
     """Push and pull one generated run with every method, ``repeat`` times; print medians and ratios."""
     from boto3.s3.transfer import TransferConfig
@@ -183,26 +220,24 @@ def bench_scenario(
             client.upload_file(str(run / r), "bench", f"b/{r}")
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir()
-        wall_sum = cpu_sum = 0.0
-        for u in range(units):
-            target = dest / f"checkpoint-{(u + 1) * 100}"
-            pull = [
-                str(BIN / "ckptctl"),
-                "tier",
-                "pull",
-                "s3://bench/run",
-                str(target),
-                "--step",
-                str((u + 1) * 100),
-                "-o",
-                f"endpoint_url={endpoint}",
-                "-q",
-                *jobs,
-            ]
-            wall, cpu = timed(lambda pull=pull: subprocess.run(pull, check=True, env=env))
-            wall_sum += wall
-            cpu_sum += cpu
-        record("pull ckptctl", wall_sum, cpu_sum)
+        pull = [
+            str(BIN / "ckptctl"),
+            "tier",
+            "pull",
+            "s3://bench/run",
+            str(dest),
+            "--all",
+            "-o",
+            f"endpoint_url={endpoint}",
+            "-q",
+        ]
+        record("pull ckptctl", *timed(lambda pull=pull: subprocess.run([*pull, *jobs], check=True, env=env)))
+        shutil.rmtree(dest)
+        # One GET per file, files one after another: what suits moto, whose ranged GETs copy the whole object.
+        record(
+            "pull ckptctl --jobs 1",
+            *timed(lambda pull=pull: subprocess.run([*pull, "--jobs", "1"], check=True, env=env)),
+        )
         shutil.rmtree(dest)
         dest.mkdir()
         record(
@@ -233,7 +268,7 @@ def bench_scenario(
         )
         shutil.rmtree(dest)
     wipe()
-    print(f"\n## {title} ({total / MB:.0f} MB), moto on 127.0.0.1, median of {repeat}")
+    print(f"\n## {title} ({total / MB:.0f} MB), {server} on 127.0.0.1, median of {repeat}")
     print(f"{'method':40s} {'MB/s':>8s} {'wall s':>8s} {'CPU s':>8s}")
     medians = {}
     for name, runs in results.items():
@@ -251,6 +286,9 @@ def bench_scenario(
     )
     print(
         f"ratio pull ckptctl / boto3 download_file (one GET): {medians['pull ckptctl'] / medians['pull boto3 download_file (one GET)']:.2f}x"
+    )
+    print(
+        f"ratio pull ckptctl --jobs 1 / boto3 download_file (one GET): {medians['pull ckptctl --jobs 1'] / medians['pull boto3 download_file (one GET)']:.2f}x"
     )
     print(f"ratio pull ckptctl / s3fs get: {medians['pull ckptctl'] / medians['pull s3fs get']:.2f}x")
 

@@ -85,8 +85,10 @@ class Manifest:
         )
         if not files:
             raise ValueError("a manifest without files")
+        unit = str(payload["unit"])
+        _check_paths(unit, str(payload["kind"]), [f.path for f in files])
         return cls(
-            unit=str(payload["unit"]),
+            unit=unit,
             kind=str(payload["kind"]),
             step=payload.get("step"),
             layout=str(payload["layout"]),
@@ -95,6 +97,18 @@ class Manifest:
             created=float(payload.get("created", 0)),
             ckptctl_version=str(payload.get("ckptctl_version", "")),
         )
+
+
+def _check_paths(unit: str, kind: str, paths: list[str]) -> None:
+    """Refuse paths that would leave the run (pull writes them under DEST): a manifest is remote input."""
+    for path in (unit, *paths):
+        parts = path.split("/")
+        if path and (path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts)):
+            raise ValueError(f"unsafe path in manifest: {path!r}")
+    prefix = f"{unit}/" if unit else ""
+    for path in paths:
+        if (path != unit) if kind == "file" else not path.startswith(prefix):
+            raise ValueError(f"manifest file {path!r} is outside its checkpoint {unit!r}")
 
 
 def manifest_rel(unit_path: str) -> str:

@@ -1,6 +1,7 @@
-"""``tier pull``: bring one tiered checkpoint back, verified against its manifest, never half-present.
+"""``tier pull``: bring tiered checkpoints back, verified against their manifests, never half-present.
 
-Files are downloaded into ``.<DEST name>.ckptctl-partial`` beside DEST, each hashed as it is written and compared
+One checkpoint goes to a DEST of its own (``pull``); several go under a run folder, each at its path in the run
+(``pull_run``), so a run comes back with the layout it was pushed from. Files are downloaded into ``.<DEST name>.ckptctl-partial`` beside DEST, each hashed as it is written and compared
 with the manifest; only when all agree is the folder (or file) renamed to DEST. A killed pull leaves only the
 hidden partial folder, whose verified files the next pull keeps. A full disk or a refused write removes it.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from ckptctl.errors import (
     ChecksumMismatchError,
+    CkptctlError,
     IntegrityError,
     NoSpaceError,
     NotFoundError,
@@ -40,6 +42,20 @@ class PullResult:
     downloaded_bytes: int
     reused_bytes: int
     seconds: float
+
+
+@dataclass
+class RunPullResult:
+    """What ``pull_run`` did with each checkpoint it was asked for."""
+
+    pulled: list[PullResult]
+    present: list[tuple[Manifest, str]]  # already under the run folder: left alone
+    failed: list[tuple[Manifest, CkptctlError]]  # corrupt or vanished remotely: nothing written for it
+    seconds: float
+
+    @property
+    def downloaded_bytes(self) -> int:
+        return sum(r.downloaded_bytes for r in self.pulled)
 
 
 def pick_manifest(view: RemoteView, step: int | None, latest: bool) -> Manifest:
@@ -87,12 +103,67 @@ def pull(
     on_manifest: Callable[[Manifest], None] | None = None,
 ) -> PullResult:
     """Download one tiered checkpoint to ``dest`` (a new folder, or a new file for a one-file checkpoint)."""
-    view = remote_view(remote)
-    if not view.exists:
-        raise NotFoundError(f"no such remote run: {remote.url}", url=remote.url)
+    view = _existing_view(remote)
     manifest = pick_manifest(view, step, latest)
     if on_manifest:
         on_manifest(manifest)
+    return _pull_unit(remote, view, manifest, dest, jobs, on_bytes)
+
+
+def pull_run(
+    remote: Location,
+    dest_root: str,
+    *,
+    steps: frozenset[int] | None = None,
+    jobs: int = 4,
+    on_bytes: Callable[[int], None] | None = None,
+    on_manifest: Callable[[Manifest], None] | None = None,
+) -> RunPullResult:
+    """Download the tiered checkpoints of ``steps`` (all when None) under ``dest_root``, each at its run path.
+
+    A checkpoint whose path already exists under ``dest_root`` is left alone; one whose remote copy is corrupt is
+    reported in ``failed`` and the others still come. Unknown steps are refused before anything is written.
+    """
+    view = _existing_view(remote)
+    if steps is None:
+        chosen = list(view.manifests.values())
+        if not chosen:
+            pick_manifest(view, None, latest=True)  # raises: nothing tiered
+    else:
+        chosen = [pick_manifest(view, step, latest=False) for step in sorted(steps)]
+    chosen.sort(key=lambda m: (m.step is None, m.step or 0, m.unit))
+    started = time.monotonic()
+    result = RunPullResult([], [], [], 0.0)
+    for manifest in chosen:
+        dest = os.path.join(os.path.abspath(dest_root), *manifest.unit.split("/"))
+        if os.path.lexists(dest):
+            result.present.append((manifest, dest))
+            continue
+        if on_manifest:
+            on_manifest(manifest)
+        try:
+            result.pulled.append(_pull_unit(remote, view, manifest, dest, jobs, on_bytes))
+        except (IntegrityError, NotFoundError) as exc:
+            result.failed.append((manifest, exc))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _existing_view(remote: Location) -> RemoteView:
+    view = remote_view(remote)
+    if not view.exists:
+        raise NotFoundError(f"no such remote run: {remote.url}", url=remote.url)
+    return view
+
+
+def _pull_unit(
+    remote: Location,
+    view: RemoteView,
+    manifest: Manifest,
+    dest: str,
+    jobs: int,
+    on_bytes: Callable[[int], None] | None,
+) -> PullResult:
     check = check_manifest(view, manifest)
     if not check.ok:
         raise IntegrityError(
@@ -122,7 +193,15 @@ def pull(
             ):
                 progress(item.size)
                 return 0, item.size
-            got = download(remote, item.path, target, part_size=item.part_size, on_bytes=progress)
+            got = download(
+                remote,
+                item.path,
+                target,
+                size=item.size,
+                part_size=item.part_size,
+                on_bytes=progress,
+                parts_pool=parts_pool if jobs > 1 else None,
+            )
             if got != item.digest:
                 with contextlib.suppress(OSError):
                     os.unlink(target)
@@ -136,7 +215,12 @@ def pull(
                 os.utime(target, (item.mtime, item.mtime))
             return item.size, 0
 
-        with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="ckptctl-pull") as pool:
+        # Files on one pool, the parts of big S3 objects on another: a worker waiting for its parts never holds
+        # a slot that those parts need.
+        with (
+            ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="ckptctl-part") as parts_pool,
+            ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="ckptctl-pull") as pool,
+        ):
             for got, kept in pool.map(fetch, manifest.files):
                 downloaded += got
                 reused += kept

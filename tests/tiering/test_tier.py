@@ -11,11 +11,15 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
+
+from ckptctl.errors import NotFoundError
+
 from ckptctl.retention.policy import Policy
 from ckptctl.storage import Location
 from ckptctl.storage.transfer import MiB
 from ckptctl.tiering.manifest import manifest_rel, remote_view
-from ckptctl.tiering.pull import pull
+from ckptctl.tiering.pull import pull, pull_run
 from ckptctl.tiering.push import PushOptions, push
 from ckptctl.tiering.status import tier_status
 from tests.conftest import Backend, Server
@@ -122,6 +126,61 @@ def test_s3_multipart_digest_is_the_etag_and_stale_uploads_are_aborted(
     dest = tmp_path / "back"
     pull(remote, str(dest), latest=True)
     assert tree(dest) == {k.split("/", 1)[1]: v for k, v in tree(run).items()}
+
+
+def test_pull_run_restores_the_run_layout_and_leaves_present_checkpoints_alone(
+    moto_server: Server, tmp_path: Path
+) -> None:
+    backend = make_s3(moto_server)
+    # 12 MiB weights in 5 MiB parts: pulled as three ranged GETs in parallel, each hashed on its own.
+    run = make_run(tmp_path / "run", steps=(100, 200, 300), size=12 * MiB, incomplete=None)
+    original = tree(run)
+    remote = backend.location("remote")
+    push(Location.from_url(str(run)), remote, PushOptions(settle_seconds=0, part_size=5 * MiB))
+    restored = tmp_path / "restored"
+    (restored / "checkpoint-200").mkdir(parents=True)
+    (restored / "checkpoint-200" / "mine.txt").write_text("not from the remote")
+
+    result = pull_run(remote, str(restored), steps=None, jobs=4)
+
+    assert [r.manifest.unit for r in result.pulled] == ["checkpoint-100", "checkpoint-300"]
+    assert [m.unit for m, _ in result.present] == ["checkpoint-200"] and not result.failed
+    assert tree(restored) == {
+        **{k: v for k, v in original.items() if not k.startswith("checkpoint-200/")},
+        "checkpoint-200/mine.txt": b"not from the remote",
+    }
+    assert sorted(p.name for p in restored.iterdir()) == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
+    # Pulled files keep the times they had, so the catalog sees the same order and ages as before.
+    assert os.path.getmtime(restored / "checkpoint-300" / "model.safetensors") == os.path.getmtime(
+        run / "checkpoint-300" / "model.safetensors"
+    )
+
+
+def test_a_manifest_naming_paths_outside_the_run_is_not_trusted(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", steps=(100, 200), incomplete=None)
+    remote_root = tmp_path / "remote"
+    remote = Location.from_url(str(remote_root))
+    push(Location.from_url(str(run)), remote, PushOptions(settle_seconds=0))
+    # Someone with write access to the bucket rewrites manifests to make pull write elsewhere.
+    for unit, evil in (("checkpoint-100", "checkpoint-100/../../escaped"), ("checkpoint-200", None)):
+        path = remote_root / manifest_rel(unit)
+        payload = json.loads(path.read_text())
+        if evil:
+            payload["files"][0]["path"] = evil
+        else:
+            payload["unit"] = "../escaped-unit"
+        path.write_text(json.dumps(payload))
+
+    view = remote_view(remote)
+
+    assert not view.manifests
+    assert set(view.bad_manifests) == {manifest_rel("checkpoint-100"), manifest_rel("checkpoint-200")}
+    assert all("outside" in why or "unsafe" in why for why in view.bad_manifests.values())
+    dest = tmp_path / "deep" / "dest"
+    dest.parent.mkdir()
+    with pytest.raises(NotFoundError):
+        pull_run(remote, str(dest), steps=None)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "deep" / "escaped-unit").exists()
 
 
 def make_s3(server: Server) -> Backend:

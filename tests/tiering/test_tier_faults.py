@@ -190,6 +190,15 @@ def test_corrupted_object_is_detected_by_status_and_pull(
     assert pulled.returncode == 8, pulled.stderr
     assert "optimizer.pt" in pulled.stderr and "Traceback" not in pulled.stderr
     assert not dest.exists() and not list(tmp_path.glob(".restored*"))
+    # Restoring the whole run brings the sound checkpoint and reports the corrupt one (exit 5: partial).
+    restored_run = tmp_path / "restored-run"
+    many = run_cli("tier", "pull", url, str(restored_run), "--all", "--json", *backend.cli_options)
+    assert many.returncode == 5, many.stderr
+    data = json.loads(many.stdout)["data"]
+    assert [p["unit"] for p in data["pulled"]] == ["checkpoint-200"]
+    assert [(f["unit"], f["code"]) for f in data["failed"]] == [("checkpoint-100", "integrity")]
+    assert sorted(p.name for p in restored_run.iterdir()) == ["checkpoint-200"]
+    assert tree(restored_run) == {k: v for k, v in original.items() if k.startswith("checkpoint-200/")}
 
     # A push that frees local copies repairs the corrupt one first, and frees only verified copies.
     freed = run_cli(

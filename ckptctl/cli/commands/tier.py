@@ -143,7 +143,7 @@ def push(
     if jobs is not None and jobs < 1:
         raise UsageError("--jobs must be at least 1")
     push_options = PushOptions(
-        steps=frozenset(int(s) for s in steps.split(",") if s.strip()) if steps else None,
+        steps=_parse_steps(steps) if steps else None,
         min_age_seconds=parse_duration(min_age) if min_age else None,
         settle_seconds=parse_duration(settle),
         jobs=jobs or default_jobs(),
@@ -234,79 +234,177 @@ def pull(
     dest: Annotated[
         str,
         typer.Argument(
-            metavar="DEST", help="The new local folder (or file, for one-file checkpoints) to create."
+            metavar="DEST",
+            help="--step/--latest: the new folder (or file) to create. --steps/--all: the run folder to fill.",
         ),
     ],
     step: Annotated[int | None, typer.Option("--step", metavar="N", help="The step to fetch.")] = None,
     latest: Annotated[bool, typer.Option("--latest", help="Fetch the highest tiered step.")] = False,
+    steps: Annotated[
+        str | None,
+        typer.Option(
+            "--steps", metavar="S1,S2", help="Fetch these steps into DEST at their paths in the run."
+        ),
+    ] = None,
+    all_steps: Annotated[
+        bool, typer.Option("--all", help="Fetch every tiered checkpoint into DEST at its path in the run.")
+    ] = False,
     jobs: JobsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     storage_option: StorageOpt = None,
 ) -> None:
-    """Download one tiered checkpoint, verify every file against its manifest, then rename it into place.
+    """Download tiered checkpoints, verify every file against its manifest, then rename each into place.
 
-    The download goes to a hidden .DEST.ckptctl-partial folder beside DEST; DEST appears only once every file
-    matches the manifest. A re-run after an interruption keeps the files already verified. A remote copy that
-    does not match its manifest is refused (exit 8) before or while downloading.
+    With --step or --latest, DEST is the checkpoint itself (it must not exist). With --steps or --all, DEST is a
+    run folder: each checkpoint lands at its path in the run (DEST/checkpoint-900/...), and one already there is
+    left alone, so a re-run finishes an interrupted restore.
 
-    Exit codes: 0 done, 1 disk full or store unreachable, 3 not tiered / not found, 4 DEST exists, 8 corrupt.
+    Each download goes to a hidden .NAME.ckptctl-partial folder beside its final name, which appears only once
+    every file matches the manifest. A re-run after an interruption keeps the files already verified. A remote
+    copy that does not match its manifest is refused (exit 8) before or while downloading.
+
+    Exit codes: 0 done, 1 disk full or store unreachable, 3 not tiered / not found, 4 DEST exists, 5 some of
+    --steps/--all failed, 8 corrupt.
 
     Examples:
 
       ckptctl tier pull s3://bucket/runs/run42 /nvme/run42/checkpoint-900 --step 900
 
       ckptctl tier pull gs://bucket/run42 ./latest-ckpt --latest --json
+
+      ckptctl tier pull s3://bucket/runs/run42 /nvme/run42 --steps 800,900
     """
     from ckptctl.cli._output import Output
     from ckptctl.errors import UsageError
-    from ckptctl.humanize import format_bytes
     from ckptctl.storage.location import Location, parse_storage_options
     from ckptctl.tiering.pull import pull as run_pull
+    from ckptctl.tiering.pull import pull_run
     from ckptctl.tiering.push import default_jobs
 
     out = Output.start("tier pull", json_mode=json_out, quiet=quiet)
-    if (step is None) == (not latest):
-        raise UsageError("give exactly one of --step N and --latest")
+    if sum((step is not None, latest, steps is not None, all_steps)) != 1:
+        raise UsageError("give exactly one of --step N, --latest, --steps S1,S2 and --all")
+    if jobs is not None and jobs < 1:
+        raise UsageError("--jobs must be at least 1")
     remote = Location.from_url(url, parse_storage_options(storage_option or []))
-    with out.progress("pull", None) as bar:
+    with _bars(out, 0) as advance:
+        current = [""]
 
         def on_manifest(manifest: Any) -> None:
-            if bar is not None:
-                bar.update(bar.task_ids[0], total=manifest.total_bytes, description=f"pull {manifest.unit}")
+            current[0] = manifest.unit
 
         def on_bytes(n: int) -> None:
-            if bar is not None:
-                bar.advance(bar.task_ids[0], n)
+            advance(current[0], n)
 
-        result = run_pull(
-            remote,
-            dest,
-            step=step,
-            latest=latest,
-            jobs=jobs or default_jobs(),
-            on_bytes=on_bytes,
-            on_manifest=on_manifest,
-        )
+        if step is not None or latest:
+            result = run_pull(
+                remote,
+                dest,
+                step=step,
+                latest=latest,
+                jobs=jobs or default_jobs(),
+                on_bytes=on_bytes,
+                on_manifest=on_manifest,
+            )
+        else:
+            chosen = _parse_steps(steps) if steps is not None else None
+            many = pull_run(
+                remote,
+                dest,
+                steps=chosen,
+                jobs=jobs or default_jobs(),
+                on_bytes=on_bytes,
+                on_manifest=on_manifest,
+            )
+    if step is not None or latest:
+        _report_pulled(out, result)
+        return
+    _report_run_pull(out, remote.url, dest, many)
+
+
+def _parse_steps(text: str) -> frozenset[int]:
+    from ckptctl.errors import UsageError
+
+    try:
+        chosen = frozenset(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"--steps takes step numbers separated by commas, got {text!r}") from None
+    if not chosen:
+        raise UsageError("--steps names no step")
+    return chosen
+
+
+def _pulled_record(result: Any) -> dict[str, Any]:
     manifest = result.manifest
     rate = result.downloaded_bytes / result.seconds / 1e6 if result.seconds > 0 else 0.0
-    out.result(
-        {
-            "unit": manifest.unit,
-            "step": manifest.step,
-            "dest": result.dest,
-            "files": len(manifest.files),
-            "bytes": manifest.total_bytes,
-            "downloaded_bytes": result.downloaded_bytes,
-            "reused_bytes": result.reused_bytes,
-            "seconds": round(result.seconds, 3),
-            "mb_per_s": round(rate, 1),
-        }
+    return {
+        "unit": manifest.unit,
+        "step": manifest.step,
+        "dest": result.dest,
+        "files": len(manifest.files),
+        "bytes": manifest.total_bytes,
+        "downloaded_bytes": result.downloaded_bytes,
+        "reused_bytes": result.reused_bytes,
+        "seconds": round(result.seconds, 3),
+        "mb_per_s": round(rate, 1),
+    }
+
+
+def _pulled_line(record: dict[str, Any]) -> str:
+    from ckptctl.humanize import format_bytes
+
+    rate = record["mb_per_s"]
+    return (
+        f"pulled {record['unit']} (step {record['step']}) to {record['dest']}: {format_bytes(record['bytes'])} "
+        f"verified in {record['seconds']:.1f}s" + (f" ({rate:.0f} MB/s)" if rate else "")
     )
+
+
+def _report_pulled(out: Any, result: Any) -> None:
+    record = _pulled_record(result)
+    out.result(record)
+    out.info(_pulled_line(record))
+
+
+def _report_run_pull(out: Any, url: str, dest: str, many: Any) -> None:
+    from ckptctl.cli._output import write_error_line
+    from ckptctl.errors import PartialFailureError
+    from ckptctl.humanize import format_bytes
+
+    pulled = [_pulled_record(r) for r in many.pulled]
+    present = [{"unit": m.unit, "step": m.step, "dest": d} for m, d in many.present]
+    failed = [{"unit": m.unit, "step": m.step, "code": e.code, "message": e.message} for m, e in many.failed]
+    data = {
+        "remote": url,
+        "dest": dest,
+        "pulled": pulled,
+        "present": present,
+        "failed": failed,
+        "downloaded_bytes": many.downloaded_bytes,
+        "seconds": round(many.seconds, 3),
+    }
+    for record in pulled:
+        out.info(_pulled_line(record))
+    for record in present:
+        out.info(f"already present {record['unit']} (left alone)")
+    rate = many.downloaded_bytes / many.seconds / 1e6 if many.seconds > 0 else 0.0
     out.info(
-        f"pulled {manifest.unit} (step {manifest.step}) to {result.dest}: {format_bytes(manifest.total_bytes)} "
-        f"verified in {result.seconds:.1f}s" + (f" ({rate:.0f} MB/s)" if rate else "")
+        f"{len(pulled)} pulled ({format_bytes(many.downloaded_bytes)}"
+        + (f", {rate:.0f} MB/s" if rate else "")
+        + f"), {len(present)} already present"
+        + (f", {len(failed)} failed" if failed else "")
     )
+    if not failed:
+        out.result(data)
+        return
+    error = PartialFailureError(
+        f"{len(failed)} checkpoint(s) not pulled (first: {failed[0]['unit']}: {failed[0]['message']})",
+        url=url,
+    )
+    out.result(data, status="error", exit_code=int(error.exit_code), errors=failed)
+    write_error_line(error)
+    raise typer.Exit(int(error.exit_code))
 
 
 @tier_app.command("status")
