@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from ckptctl.errors import NotFoundError
-
 from ckptctl.retention.policy import Policy
 from ckptctl.storage import Location
 from ckptctl.storage.transfer import MiB
