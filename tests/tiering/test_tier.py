@@ -148,7 +148,11 @@ def test_pull_run_restores_the_run_layout_and_leaves_present_checkpoints_alone(
         **{k: v for k, v in original.items() if not k.startswith("checkpoint-200/")},
         "checkpoint-200/mine.txt": b"not from the remote",
     }
-    assert sorted(p.name for p in restored.iterdir()) == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
+    assert sorted(p.name for p in restored.iterdir()) == [
+        "checkpoint-100",
+        "checkpoint-200",
+        "checkpoint-300",
+    ]
     # Pulled files keep the times they had, so the catalog sees the same order and ages as before.
     assert os.path.getmtime(restored / "checkpoint-300" / "model.safetensors") == os.path.getmtime(
         run / "checkpoint-300" / "model.safetensors"
