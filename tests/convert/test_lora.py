@@ -76,10 +76,17 @@ def test_fixture_forms_give_peft_adapter(form: str, lora_dir: Path, tmp_path: Pa
     extract_from_checkpoint(Location.from_url(str(case / form)), str(out), overrides=FLAGS)
     assert_same_adapter(out, case / "adapter", dropout_known=False)
     monkeypatch.chdir(lora_dir)  # base_model_name_or_path is relative to the fixture folder
-    base = transformers.AutoModelForCausalLM.from_pretrained("bases/llama")
-    model = peft.PeftModel.from_pretrained(base, str(out))
     inputs = load_file(str(lora_dir / "inputs.safetensors"))["input_ids"]
-    assert torch.equal(logits(model, inputs), load_file(str(case / "logits.safetensors"))["trained"])
+    ours = logits(peft_model(out), inputs)
+    # Bit for bit what PEFT's own adapter gives under the installed transformers; the fixture's recorded logits
+    # came from transformers 5.23 and other releases round the Llama forward differently (1.5e-7 seen on 5.24).
+    assert torch.equal(ours, logits(peft_model(case / "adapter"), inputs))
+    torch.testing.assert_close(ours, load_file(str(case / "logits.safetensors"))["trained"])
+
+
+def peft_model(adapter: Path):
+    base = transformers.AutoModelForCausalLM.from_pretrained("bases/llama")
+    return peft.PeftModel.from_pretrained(base, str(adapter))
 
 
 def test_config_beside_the_checkpoint_needs_no_flags(lora_dir: Path, tmp_path: Path) -> None:
