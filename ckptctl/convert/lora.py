@@ -338,6 +338,18 @@ class WriteResult:
     config: dict[str, Any]
 
 
+def checked_out_dir(out_dir: str, *, force: bool) -> str:
+    """OUT_DIR as an absolute local path, checked before any work so a long extraction never fails at the end."""
+    if "://" in out_dir:
+        raise UsageError(
+            f"OUT_DIR must be a local folder, not {out_dir}; write the adapter locally, then copy it to the store"
+        )
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not force:
+        raise RefusedError(f"{out_dir} exists; pass --force to replace it")
+    return out_dir
+
+
 def write_adapter(
     tensors: dict[str, TensorSource] | dict[str, Any],
     config: dict[str, Any],
@@ -350,9 +362,7 @@ def write_adapter(
 ) -> WriteResult:
     """Write OUT_DIR atomically: a temporary folder beside it, filled, then renamed into place."""
     started = time.perf_counter()
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not force:
-        raise RefusedError(f"{out_dir} exists; pass --force to replace it")
+    out_dir = checked_out_dir(out_dir, force=force)
     get_chunks = chunks_of or (lambda t: t.chunks())
     get_dtype = dtype_of or (lambda t: t.dtype)
     get_shape = shape_of or (lambda t: t.shape)
@@ -393,7 +403,6 @@ def extract_from_checkpoint(
     force: bool = False,
 ) -> WriteResult:
     """Mode 1: the exact adapter out of a checkpoint holding LoRA tensors."""
-    if os.path.exists(os.path.abspath(out_dir)) and not force:
-        raise RefusedError(f"{os.path.abspath(out_dir)} exists; pass --force to replace it")
+    checked_out_dir(out_dir, force=force)
     plan = plan_adapter(src, adapter_name=adapter_name, overrides=overrides)
     return write_adapter(plan.tensors, plan.config, out_dir, force=force)

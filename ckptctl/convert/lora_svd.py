@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from ckptctl.convert.lora import PREFIX, WriteResult, module_names, target_modules_for, write_adapter
+from ckptctl.convert.lora import (
+    PREFIX,
+    WriteResult,
+    checked_out_dir,
+    module_names,
+    target_modules_for,
+    write_adapter,
+)
 from ckptctl.convert.tensor_sources import TensorSource, open_state_dict
 from ckptctl.errors import BackendNotInstalledError, IntegrityError, UsageError
 from ckptctl.storage.location import Location
@@ -155,10 +162,7 @@ def extract_by_svd(
     on_module: Callable[[ModuleReport], None] | None = None,
 ) -> SvdResult:
     """Mode 2: approximate ``tuned - base`` by a LoRA adapter written to ``out_dir``."""
-    import os
     import time
-
-    from ckptctl.errors import RefusedError
 
     if (rank is None) == (energy is None):
         raise UsageError("give one of --rank R and --energy F")
@@ -166,8 +170,7 @@ def extract_by_svd(
         raise UsageError("--rank must be at least 1")
     if energy is not None and not 0 < energy <= 1:
         raise UsageError("--energy is a fraction in (0, 1], e.g. 0.9")
-    if os.path.exists(os.path.abspath(out_dir)) and not force:
-        raise RefusedError(f"{os.path.abspath(out_dir)} exists; pass --force to replace it")
+    checked_out_dir(out_dir, force=force)
     torch = _torch()
     base_tensors, _ = open_state_dict(base)
     tuned_tensors, _ = open_state_dict(tuned)

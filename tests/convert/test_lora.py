@@ -292,7 +292,7 @@ def test_svd_gpt2_conv1d_biases_and_norms(tmp_path: Path) -> None:
 # -- bad input -----------------------------------------------------------------------------------------------
 
 
-def test_bad_input_is_one_line_with_its_exit_code(lora_dir: Path, tmp_path: Path) -> None:
+def test_bad_input_is_one_line_with_its_exit_code(lora_dir: Path, tmp_path: Path, monkeypatch) -> None:
     case = lora_dir / "lora_basic"
     no_lora = run_cli("extract-lora", str(lora_dir / "bases" / "llama"), str(tmp_path / "a"), "--alpha", "16")
     assert no_lora.returncode == 3 and "no LoRA tensors" in no_lora.stderr
@@ -303,6 +303,11 @@ def test_bad_input_is_one_line_with_its_exit_code(lora_dir: Path, tmp_path: Path
         "extract-lora", str(case / "full_state_dict.pt"), str(tmp_path / "exists"), "--alpha", "16"
     )
     assert exists.returncode == 4 and "--force" in exists.stderr
+    monkeypatch.chdir(tmp_path)  # a URL taken for a local path would leave an "s3:" folder here
+    url_out = run_cli(
+        "extract-lora", str(case / "full_state_dict.pt"), "s3://bucket/adapter", "--alpha", "16"
+    )
+    assert url_out.returncode == 2 and "local folder" in url_out.stderr and not (tmp_path / "s3:").exists()
     truncated = tmp_path / "cut.safetensors"
     data = (case / "full_state_dict.safetensors").read_bytes()
     truncated.write_bytes(data[: len(data) - 5000])
@@ -319,7 +324,7 @@ def test_bad_input_is_one_line_with_its_exit_code(lora_dir: Path, tmp_path: Path
     shapes = run_cli("extract-lora", "--base", str(lora_dir / "bases" / "llama"), "--tuned", str(other),
                      str(tmp_path / "d"), "--rank", "2")  # fmt: skip
     assert shapes.returncode == 2 and name in shapes.stderr
-    for result in (no_lora, no_alpha, exists, cut, shapes):
+    for result in (no_lora, no_alpha, exists, url_out, cut, shapes):
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 2
     assert not [p for p in os.listdir(tmp_path) if p.endswith("ckptctl-partial")]
 

@@ -15,7 +15,7 @@ def extract_lora(
         typer.Argument(
             metavar="[SRC] OUT_DIR",
             help="SRC: a state dict (.safetensors/.pt/.bin), a DeepSpeed save or an HF checkpoint-N (local or URL); "
-            "OUT_DIR: the adapter folder to create. With --base/--tuned, only OUT_DIR.",
+            "OUT_DIR: the local adapter folder to create. With --base/--tuned, only OUT_DIR.",
             show_default=False,
         ),
     ],
@@ -77,8 +77,8 @@ def extract_lora(
     From a fine-tuned model and its base (--base/--tuned, needs torch): ΔW per module by randomized SVD, at
     --rank R or a per-module rank by --energy F; reports each module's relative error.
 
-    Exit codes: 0 done, 2 usage (missing alpha, ambiguous adapter, shapes differ), 3 SRC missing or holds no LoRA
-    tensors, 4 OUT_DIR exists, 8 truncated or corrupt input.
+    Exit codes: 0 done, 2 usage (missing alpha, ambiguous adapter, shapes differ, OUT_DIR a URL), 3 SRC missing
+    or holds no LoRA tensors, 4 OUT_DIR exists, 8 truncated or corrupt input.
 
     Examples:
 
