@@ -16,7 +16,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ckptctl.errors import (
     ChecksumMismatchError,
@@ -31,6 +31,7 @@ from ckptctl.errors import (
 from ckptctl.storage.location import Location
 from ckptctl.storage.transfer import digest_local_file, download
 from ckptctl.tiering.manifest import Manifest, ManifestFile, RemoteView, check_manifest, remote_view
+from ckptctl.tiering.pointers import PointerCopy, pull_pointers
 
 PARTIAL_SUFFIX = ".ckptctl-partial"
 
@@ -52,6 +53,7 @@ class RunPullResult:
     present: list[tuple[Manifest, str]]  # already under the run folder: left alone
     failed: list[tuple[Manifest, CkptctlError]]  # corrupt or vanished remotely: nothing written for it
     seconds: float
+    pointers: list[PointerCopy] = field(default_factory=list)  # pointer files written back (``latest``...)
 
     @property
     def downloaded_bytes(self) -> int:
@@ -123,6 +125,7 @@ def pull_run(
 
     A checkpoint whose path already exists under ``dest_root`` is left alone; one whose remote copy is corrupt is
     reported in ``failed`` and the others still come. Unknown steps are refused before anything is written.
+    Pointer files (``latest``) come back where what they name is now there and no local pointer is.
     """
     view = _existing_view(remote)
     if steps is None:
@@ -145,6 +148,8 @@ def pull_run(
             result.pulled.append(_pull_unit(remote, view, manifest, dest, jobs, on_bytes))
         except (IntegrityError, NotFoundError) as exc:
             result.failed.append((manifest, exc))
+    sound = {m.unit for m in chosen} - {m.unit for m, _ in result.failed}
+    result.pointers = pull_pointers(remote, dest_root, sound)
     result.seconds = time.monotonic() - started
     return result
 

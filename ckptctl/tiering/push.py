@@ -5,7 +5,8 @@ Order per unit, chosen so that ``kill -9`` at any moment leaves nothing that rea
 abort multipart uploads an interrupted push left under the unit; upload data files, then completion markers
 (a remote listing never shows a complete-looking unit with data missing); list the unit again and compare every
 object with what was sent (size and the store's checksum, or a re-read where the store has none); check the
-local files did not change meanwhile; write the manifest. Freeing goes through prune's machinery
+local files did not change meanwhile; write the manifest. Pointer files (``latest``) go after every unit, and
+only those naming a tiered unit. Freeing goes through prune's machinery
 (``retention.plan.execute``: re-validation, journal, markers first) under the run lock, and only for units whose
 manifest a fresh listing has just verified.
 """
@@ -43,6 +44,7 @@ from ckptctl.tiering.manifest import (
     manifest_rel,
     remote_view,
 )
+from ckptctl.tiering.pointers import PointerCopy, push_pointers
 
 EventSink = Callable[..., None]
 
@@ -80,6 +82,8 @@ class PushResult:
     freed: PruneResult | None = None
     free_plan: PrunePlan | None = None
     aborted_uploads: int = 0
+    pointers: list[PointerCopy] = field(default_factory=list)
+    """Pointer files (``latest``...) written to the remote after the manifest of the checkpoint they name."""
 
     @property
     def failed(self) -> list[UnitOutcome]:
@@ -158,6 +162,14 @@ def push(
         seconds = time.monotonic() - started
         result.outcomes.append(UnitOutcome(unit, "uploaded", sent, seconds))
         emit("uploaded", unit=unit, bytes=sent, seconds=seconds)
+    tiered = {o.unit.path for o in result.outcomes if o.action in ("uploaded", "already", "would-upload")}
+    named = (
+        scan.unit(p.target) for p in scan.pointers
+    )  # tiered by an earlier push, outside --steps/--min-age
+    tiered |= {u.path for u in named if u is not None and _already_tiered(view, u)}
+    result.pointers = push_pointers(local, remote, scan.pointers, tiered, dry_run=options.dry_run)
+    for copy in result.pointers:
+        emit("pointer", unit=scan.unit(copy.target), detail=copy.source)
     if options.free_policy is not None:
         _free_local(local, remote, scan.units, options, result, emit)
     return result

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ckptctl.catalog.scan import scan_run
 from ckptctl.errors import NotFoundError
 from ckptctl.retention.policy import Policy
 from ckptctl.storage import Location
@@ -21,7 +22,7 @@ from ckptctl.tiering.manifest import manifest_rel, remote_view
 from ckptctl.tiering.pull import pull, pull_run
 from ckptctl.tiering.push import PushOptions, push
 from ckptctl.tiering.status import tier_status
-from tests.conftest import Backend, Server
+from tests.conftest import Backend, Server, run_cli
 
 STEPS = (100, 200, 300)
 
@@ -157,6 +158,57 @@ def test_pull_run_restores_the_run_layout_and_leaves_present_checkpoints_alone(
     assert os.path.getmtime(restored / "checkpoint-300" / "model.safetensors") == os.path.getmtime(
         run / "checkpoint-300" / "model.safetensors"
     )
+
+
+def test_deepspeed_latest_follows_its_checkpoint_and_comes_back_with_it(
+    backend: Backend, shared_fixtures: Path, tmp_path: Path
+) -> None:
+    """A restored DeepSpeed run resumes only with its ``latest``: it goes up once what it names is tiered, and
+    comes back where that checkpoint is restored, never over a pointer the local run already has."""
+    saved = shared_fixtures / "zero" / "z2-bf16-untied" / "checkpoint" / "global_step3"
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        shutil.copytree(saved, run / f"global_step{step}")
+    (run / "latest").write_text("global_step2")  # global_step3 is newer than latest: still being written
+    old = time.time() - 3600
+    for path in run.rglob("*"):
+        os.utime(path, (old, old))
+    local, remote = Location.from_url(str(run)), backend.location("remote")
+
+    first = push(local, remote, PushOptions(settle_seconds=0, steps=frozenset({1})))
+    assert not first.pointers and not remote.exists("latest")  # global_step2 is not tiered yet
+    second = push(local, remote, PushOptions(settle_seconds=0))
+    assert [(p.source, p.target) for p in second.pointers] == [("latest", "global_step2")]
+    assert remote.read_bytes("latest") == b"global_step2"
+    assert set(remote_view(remote).manifests) == {"global_step1", "global_step2"}
+    assert not push(local, remote, PushOptions(settle_seconds=0)).pointers  # unchanged: not written again
+    (run / "latest").write_text("global_step1")  # rolled back; global_step1 was tiered by the first push
+    rolled_back = push(local, remote, PushOptions(settle_seconds=0, steps=frozenset({2})))
+    assert [p.target for p in rolled_back.pointers] == ["global_step1"]
+    (run / "latest").write_text("global_step2")
+    push(local, remote, PushOptions(settle_seconds=0))
+
+    restored = tmp_path / "restored"
+    whole = pull_run(remote, str(restored))
+    assert [p.source for p in whole.pointers] == ["latest"] and (
+        restored / "latest"
+    ).read_text() == "global_step2"
+    scan = scan_run(Location.from_url(str(restored)), settle_seconds=0)
+    assert [(p.name, p.target) for p in scan.pointers] == [("latest", "global_step2")]
+    assert {u.path: u.is_complete for u in scan.units} == {"global_step1": True, "global_step2": True}
+    if backend.name != "memory":  # memory:// lives in this process only
+        cli = run_cli("tier", "pull", f"{backend.url}/remote", str(tmp_path / "cli"), "--all", "--json",
+                      *backend.cli_options)  # fmt: skip
+        assert cli.returncode == 0, cli.stderr
+        assert json.loads(cli.stdout)["data"]["pointers"] == [{"path": "latest", "target": "global_step2"}]
+
+    only_one = pull_run(remote, str(tmp_path / "one"), steps=frozenset({1}))
+    assert not only_one.pointers and not (tmp_path / "one" / "latest").exists()  # it would name a missing tag
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "latest").write_text("global_step1")
+    assert not pull_run(remote, str(theirs)).pointers
+    assert (theirs / "latest").read_text() == "global_step1"
 
 
 def test_a_manifest_naming_paths_outside_the_run_is_not_trusted(tmp_path: Path) -> None:

@@ -37,7 +37,9 @@ def check_invariants(run: Path, original: dict[str, bytes], remote: Location) ->
         assert check.state == "verified", (unit, check.problems)
         for item in manifest.files:
             assert remote.read_bytes(item.path) == original[item.path], item.path
-    units = {rel.split("/", 1)[0] for rel in original}
+    if remote.exists("latest"):  # a pointer goes up only after the manifest of what it names
+        assert remote.read_bytes("latest").decode() in view.manifests, "remote latest names an untiered unit"
+    units = {rel.split("/", 1)[0] for rel in original if "/" in rel}
     for unit in units:
         local_files = {rel for rel in original if rel.startswith(unit + "/")}
         if all((run / rel).exists() and (run / rel).read_bytes() == original[rel] for rel in local_files):
@@ -52,7 +54,8 @@ def test_kill_minus_9_never_frees_or_commits_what_is_not_safe(
     store: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """38 trials in all: each from a fresh run, push --keep-local-last 1 killed at a random moment of its
-    measured duration; after every kill the invariants hold, and every 4th trial a re-run completes the job."""
+    measured duration; after every kill the invariants hold (the remote ``latest`` included), and every 4th trial
+    a re-run completes the job."""
     from tests.conftest import make_backend
 
     trials = {"local": 18, "s3": 14, "gcs": 6}[store]
@@ -61,6 +64,7 @@ def test_kill_minus_9_never_frees_or_commits_what_is_not_safe(
     pristine = make_run(
         tmp_path / "pristine", steps=(100, 200, 300, 400, 500), size=3_000_000, incomplete=600
     )
+    (pristine / "latest").write_text("checkpoint-400")  # a run-level pointer file: pushed last, never freed
     original = tree(pristine)
 
     def fresh(trial: int) -> tuple[Path, list[str], Location]:
@@ -106,10 +110,14 @@ def test_kill_minus_9_never_frees_or_commits_what_is_not_safe(
             assert done.returncode == 0, done.stderr
             tiered = check_invariants(run, original, remote)
             assert tiered == {f"checkpoint-{s}" for s in (100, 200, 300, 400, 500)}
-            # Freed: all but the newest complete one; the half-written 600 is neither touched nor tiered.
+            # Freed: all but the newest complete one and the one latest names; the half-written 600 is neither
+            # touched nor tiered.
             kept = {
-                k: v for k, v in original.items() if k.split("/")[0] in ("checkpoint-500", "checkpoint-600")
+                k: v
+                for k, v in original.items()
+                if k.split("/")[0] in ("checkpoint-400", "checkpoint-500", "checkpoint-600", "latest")
             }
+            assert remote.read_bytes("latest") == b"checkpoint-400"
             assert tree(run) == kept
             if store == "s3":  # every multipart upload a kill left behind was aborted by the re-run
                 bucket = backend.url.removeprefix("s3://")  # type: ignore[union-attr]

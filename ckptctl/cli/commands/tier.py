@@ -103,7 +103,8 @@ def push(
 
     Each file is hashed while it is read, compared with what the store reports (S3 ETag, GCS md5Hash; a re-read
     where the store reports nothing), then the checkpoint's manifest is written. A re-run skips what is already
-    there and verified and finishes the rest; multipart uploads an interrupted run left are aborted.
+    there and verified and finishes the rest; multipart uploads an interrupted run left are aborted. The run's
+    pointer files (DeepSpeed latest, Megatron's tracker) follow once the checkpoint they name is tiered.
 
     With --keep-local-last/--keep-local-best, local copies are then freed, but only of checkpoints whose remote
     copy a fresh listing verifies, and never the newest complete one, one a pointer names, a pinned or an
@@ -156,6 +157,10 @@ def push(
     def on_event(kind: str, *, unit: Any, bytes: int = 0, seconds: float = 0.0, detail: str = "") -> None:
         if kind == "start":
             return
+        if kind == "pointer":
+            out.event(kind, path=detail, target=unit.path, dry_run=dry_run)
+            out.info(f"{'would point' if dry_run else 'pointed'} {detail} at {unit.path}")
+            return
         rate = bytes / seconds / 1e6 if seconds > 0 else None
         out.event(
             kind,
@@ -207,6 +212,7 @@ def push(
         freed=len(freed),
         freed_bytes=sum(u.total_bytes for u in freed),
         aborted_uploads=result.aborted_uploads,
+        pointers=[p.source for p in result.pointers],
     )
     if dry_run:
         out.info(
@@ -258,7 +264,8 @@ def pull(
 
     With --step or --latest, DEST is the checkpoint itself (it must not exist). With --steps or --all, DEST is a
     run folder: each checkpoint lands at its path in the run (DEST/checkpoint-900/...), and one already there is
-    left alone, so a re-run finishes an interrupted restore.
+    left alone, so a re-run finishes an interrupted restore. The remote run's pointer files (DeepSpeed latest)
+    come too where the checkpoint they name is now in DEST and DEST has no such pointer of its own.
 
     Each download goes to a hidden .NAME.ckptctl-partial folder beside its final name, which appears only once
     every file matches the manifest. A re-run after an interruption keeps the files already verified. A remote
@@ -381,6 +388,7 @@ def _report_run_pull(out: Any, url: str, dest: str, many: Any) -> None:
         "pulled": pulled,
         "present": present,
         "failed": failed,
+        "pointers": [{"path": p.source, "target": p.target} for p in many.pointers],
         "downloaded_bytes": many.downloaded_bytes,
         "seconds": round(many.seconds, 3),
     }
@@ -388,6 +396,8 @@ def _report_run_pull(out: Any, url: str, dest: str, many: Any) -> None:
         out.info(_pulled_line(record))
     for record in present:
         out.info(f"already present {record['unit']} (left alone)")
+    for copy in many.pointers:
+        out.info(f"wrote {copy.source} (names {copy.target})")
     rate = many.downloaded_bytes / many.seconds / 1e6 if many.seconds > 0 else 0.0
     out.info(
         f"{len(pulled)} pulled ({format_bytes(many.downloaded_bytes)}"
