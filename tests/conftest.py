@@ -46,6 +46,18 @@ def shared_fixtures() -> Path:
     return SHARED_FIXTURES
 
 
+def random_payload(size: int) -> bytes:
+    """Random bytes that do not end in a carriage return.
+
+    gcp-storage-emulator drops a trailing b"\\r" from a file written with gcsfs ``pipe_file``/``put_file``
+    (b"abc\\r" reads back as b"abc"; real GCS keeps it; ckptctl's own uploads go through ``open("wb")``, which
+    the emulator stores intact). With plain os.urandom about one file in 256 ends in one, and tests that put
+    their runs on the emulator failed at random.
+    """
+    data = os.urandom(size)
+    return data[:-1] + b"\x00" if data.endswith(b"\r") else data
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -22,7 +22,7 @@ from ckptctl.retention.policy import Policy
 from ckptctl.storage import Location
 from ckptctl.storage.lock import run_lock
 from tests.catalog.runs import age_tree
-from tests.conftest import Backend, run_cli
+from tests.conftest import Backend, random_payload, run_cli
 
 
 def digest_tree(root: Path) -> dict[str, str]:
@@ -38,8 +38,8 @@ def make_run(root: Path, steps: range) -> Path:
     for step in steps:
         unit = root / f"checkpoint-{step}"
         unit.mkdir(parents=True)
-        (unit / "model.safetensors").write_bytes(os.urandom(2048))
-        (unit / "optimizer.pt").write_bytes(os.urandom(4096))
+        (unit / "model.safetensors").write_bytes(random_payload(2048))
+        (unit / "optimizer.pt").write_bytes(random_payload(4096))
         (unit / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
     age_tree(root)
     return root

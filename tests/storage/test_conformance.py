@@ -5,7 +5,6 @@ Every command stands on these promises, so each is checked on every backend agai
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -20,12 +19,12 @@ from ckptctl.errors import (
     UsageError,
 )
 from ckptctl.storage import Location, parse_storage_options
-from tests.conftest import Backend
+from tests.conftest import Backend, random_payload
 
 
 def make_tree(root: Path) -> dict[str, bytes]:
     files = {
-        "checkpoint-1/model.safetensors": os.urandom(3000),
+        "checkpoint-1/model.safetensors": random_payload(3000),
         "checkpoint-1/trainer_state.json": b"{}",
         "checkpoint-2/sub/deep/file.bin": b"deep",
         "latest": b"checkpoint-2",

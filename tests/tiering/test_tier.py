@@ -22,7 +22,7 @@ from ckptctl.tiering.manifest import manifest_rel, remote_view
 from ckptctl.tiering.pull import pull, pull_run
 from ckptctl.tiering.push import PushOptions, push
 from ckptctl.tiering.status import tier_status
-from tests.conftest import Backend, Server, run_cli
+from tests.conftest import Backend, Server, random_payload, run_cli
 
 STEPS = (100, 200, 300)
 
@@ -34,13 +34,13 @@ def make_run(
     for index, step in enumerate(steps):
         unit = root / f"checkpoint-{step}"
         unit.mkdir(parents=True)
-        (unit / "model.safetensors").write_bytes(os.urandom(size))
-        (unit / "optimizer.pt").write_bytes(os.urandom(size // 3 + index))
+        (unit / "model.safetensors").write_bytes(random_payload(size))
+        (unit / "optimizer.pt").write_bytes(random_payload(size // 3 + index))
         (unit / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
     if incomplete is not None:
         unit = root / f"checkpoint-{incomplete}"
         unit.mkdir(parents=True)
-        (unit / "model.safetensors").write_bytes(os.urandom(size // 2))
+        (unit / "model.safetensors").write_bytes(random_payload(size // 2))
     old = time.time() - 3600
     for index, path in enumerate(sorted(root.rglob("*"))):
         os.utime(path, (old + index, old + index))
@@ -310,7 +310,7 @@ def test_a_file_rewritten_after_upload_is_uploaded_again_before_its_local_copy_g
     local, remote = Location.from_url(str(run)), Location.from_url(str(tmp_path / "remote"))
     push(local, remote, PushOptions(settle_seconds=0))
     rewritten = run / "checkpoint-100" / "optimizer.pt"
-    new_bytes = os.urandom(rewritten.stat().st_size)  # same size: only the time and the bytes tell
+    new_bytes = random_payload(rewritten.stat().st_size)  # same size: only the time and the bytes tell
     rewritten.write_bytes(new_bytes)
     os.utime(rewritten, (time.time() - 1800, time.time() - 1800))
 
