@@ -9,7 +9,9 @@ Two runs are made at bench time in a temporary folder: one unit holding a 1 GiB 
   boto3     ``upload_file`` / ``download_file`` per file with the default TransferConfig (no verification);
             downloads also with ``multipart_threshold`` above the file size (one GET), boto3's best on moto
   s3fs      ``put`` of the file list / ``get`` (no verification)
-MB/s are 1e6 bytes per second of wall time; CPU is user+system seconds of the client process. The MD5 cost of
+MB/s are 1e6 bytes per second of wall time; CPU is user+system seconds of the client process. The ckptctl rows
+are whole CLI processes; ``ckptctl tier status`` of the same run (no data moved) measures what each invocation
+pays besides moving data, and the last ratios take it out. The MD5 cost of
 verification is measured separately (hashlib over the same bytes). Objects are deleted between runs so that
 moto's memory stays bounded.
 
@@ -44,6 +46,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 from tests.conftest import start_moto
 
 MB = 10**6
+FIXED = "ckptctl fixed cost (tier status)"
 BIN = Path(sys.executable).parent
 SERVERS_SH = Path(__file__).resolve().parent.parent.parent / "shared" / "tools" / "servers.sh"
 RGW_ENDPOINT = "http://127.0.0.1:7480"
@@ -232,6 +235,17 @@ def bench_scenario(
             "-q",
         ]
         record("pull ckptctl", *timed(lambda pull=pull: subprocess.run([*pull, *jobs], check=True, env=env)))
+        # What every ckptctl invocation pays before and besides moving data (interpreter and imports, client
+        # setup, listing the remote run, reading manifests); the boto3 and s3fs rows run in this warm process.
+        status = [str(BIN / "ckptctl"), "tier", "status", str(run), "--remote", "s3://bench/run"]
+        record(
+            FIXED,
+            *timed(
+                lambda status=status: subprocess.run(
+                    [*status, "-o", f"endpoint_url={endpoint}"], check=True, env=env, capture_output=True
+                )
+            ),
+        )
         shutil.rmtree(dest)
         # One GET per file, files one after another: what suits moto, whose ranged GETs copy the whole object.
         record(
@@ -271,11 +285,14 @@ def bench_scenario(
     print(f"\n## {title} ({total / MB:.0f} MB), {server} on 127.0.0.1, median of {repeat}")
     print(f"{'method':40s} {'MB/s':>8s} {'wall s':>8s} {'CPU s':>8s}")
     medians = {}
+    walls = {}
     for name, runs in results.items():
         wall = statistics.median(w for w, _ in runs)
         cpu = statistics.median(c for _, c in runs)
+        walls[name] = wall
         medians[name] = total / wall / MB
-        print(f"{name:40s} {medians[name]:8.1f} {wall:8.2f} {cpu:8.2f}")
+        rate = "-" if name == FIXED else f"{medians[name]:.1f}"
+        print(f"{name:40s} {rate:>8s} {wall:8.2f} {cpu:8.2f}")
     print(f"MD5 of the data (verification cost, one pass): {md5_cpu:.2f} CPU s")
     print(
         f"ratio push ckptctl / boto3 upload_file: {medians['push ckptctl'] / medians['push boto3 upload_file']:.2f}x"
@@ -291,6 +308,13 @@ def bench_scenario(
         f"ratio pull ckptctl --jobs 1 / boto3 download_file (one GET): {medians['pull ckptctl --jobs 1'] / medians['pull boto3 download_file (one GET)']:.2f}x"
     )
     print(f"ratio pull ckptctl / s3fs get: {medians['pull ckptctl'] / medians['pull s3fs get']:.2f}x")
+    for verb, other in (("push", "push boto3 upload_file"), ("pull", "pull boto3 download_file")):
+        moving = walls[f"{verb} ckptctl"] - walls[FIXED]
+        if moving > 0:
+            print(
+                f"ratio {verb} ckptctl without its fixed cost / {other.removeprefix(verb + ' ')}: "
+                f"{total / moving / MB / medians[other]:.2f}x"
+            )
 
 
 if __name__ == "__main__":
