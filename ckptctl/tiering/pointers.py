@@ -16,7 +16,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from ckptctl.catalog.layouts import POINTER_FILE_NAMES
-from ckptctl.catalog.model import Pointer
+from ckptctl.catalog.model import Pointer, RunScan
 from ckptctl.catalog.scan import scan_run
 from ckptctl.errors import NotFoundError
 from ckptctl.storage.location import Location
@@ -38,24 +38,34 @@ def _is_pointer_file(pointer: Pointer) -> bool:
     return posixpath.basename(pointer.source) in POINTER_FILE_NAMES and ".." not in parts and "" not in parts
 
 
+def _still_names(pointer: Pointer, data: bytes, step: int | None) -> bool:
+    """Whether the pointer file's bytes, read now, name what the scan said: the trainer may have moved ``latest``
+    to a newer (untiered) checkpoint while the push ran."""
+    text = data.decode("utf-8", "replace").strip()
+    if pointer.name == "tracker":
+        return text == "release" == posixpath.basename(pointer.target) or (
+            text.isdigit() and int(text) == step
+        )
+    parent = posixpath.dirname(pointer.source)
+    return (posixpath.join(parent, text) if parent else text) == pointer.target
+
+
 def push_pointers(
-    local: Location,
-    remote: Location,
-    pointers: Collection[Pointer],
-    tiered: Collection[str],
-    *,
-    dry_run: bool,
+    local: Location, remote: Location, scan: RunScan, tiered: Collection[str], *, dry_run: bool
 ) -> list[PointerCopy]:
     """Copy the local pointer files whose checkpoint is in ``tiered`` (units with a verified manifest) to the
     remote run, where the remote's copy differs. Returns what was (or, in a dry run, would be) written."""
     written = []
-    for pointer in pointers:
+    for pointer in scan.pointers:
         path = local.full_path(pointer.source)
         if not _is_pointer_file(pointer) or pointer.target not in tiered or os.path.islink(path):
             continue
         if os.path.getsize(path) > MAX_POINTER_BYTES:
             continue
         data = local.read_bytes(pointer.source)
+        target = scan.unit(pointer.target)
+        if not _still_names(pointer, data, target.step if target else None):
+            continue  # moved on since the scan; the next push sends it once what it names is tiered
         try:
             if remote.read_bytes(pointer.source) == data:
                 continue

@@ -167,7 +167,7 @@ def push(
         scan.unit(p.target) for p in scan.pointers
     )  # tiered by an earlier push, outside --steps/--min-age
     tiered |= {u.path for u in named if u is not None and _already_tiered(view, u)}
-    result.pointers = push_pointers(local, remote, scan.pointers, tiered, dry_run=options.dry_run)
+    result.pointers = push_pointers(local, remote, scan, tiered, dry_run=options.dry_run)
     for copy in result.pointers:
         emit("pointer", unit=scan.unit(copy.target), detail=copy.source)
     if options.free_policy is not None:

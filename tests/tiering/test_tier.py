@@ -19,6 +19,7 @@ from ckptctl.retention.policy import Policy
 from ckptctl.storage import Location
 from ckptctl.storage.transfer import MiB
 from ckptctl.tiering.manifest import manifest_rel, remote_view
+from ckptctl.tiering.pointers import push_pointers
 from ckptctl.tiering.pull import pull, pull_run
 from ckptctl.tiering.push import PushOptions, push
 from ckptctl.tiering.status import tier_status
@@ -185,6 +186,11 @@ def test_deepspeed_latest_follows_its_checkpoint_and_comes_back_with_it(
     (run / "latest").write_text("global_step1")  # rolled back; global_step1 was tiered by the first push
     rolled_back = push(local, remote, PushOptions(settle_seconds=0, steps=frozenset({2})))
     assert [p.target for p in rolled_back.pointers] == ["global_step1"]
+    (run / "latest").write_text("global_step2")
+    scan = scan_run(local, settle_seconds=0)
+    (run / "latest").write_text("global_step3")  # the trainer moves on while the push runs: 3 is not tiered
+    assert not push_pointers(local, remote, scan, {"global_step1", "global_step2"}, dry_run=False)
+    assert remote.read_bytes("latest") == b"global_step1"
     (run / "latest").write_text("global_step2")
     push(local, remote, PushOptions(settle_seconds=0))
 
