@@ -11,9 +11,8 @@ Two runs are made at bench time in a temporary folder: one unit holding a 1 GiB 
   s3fs      ``put`` of the file list / ``get`` (no verification)
 MB/s are 1e6 bytes per second of wall time; CPU is user+system seconds of the client process. The ckptctl rows
 are whole CLI processes; ``ckptctl tier status`` of the same run (no data moved) measures what each invocation
-pays besides moving data, and the last ratios take it out. The MD5 cost of
-verification is measured separately (hashlib over the same bytes). Objects are deleted between runs so that
-moto's memory stays bounded.
+pays besides moving data, and the last ratios take it out. The MD5 cost of verification is measured separately
+(hashlib over the same bytes). Objects are deleted between runs so that moto's memory stays bounded.
 
 ``--server rgw`` runs against Ceph RGW, a real S3 server that validates Content-MD5 (started and stopped by
 ``../shared/tools/servers.sh``; needs the Debian packages radosgw ceph-mon ceph-osd).

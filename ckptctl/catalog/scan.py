@@ -211,6 +211,12 @@ def _apply_step_pointer(
             )
 
 
+def sibling_named(source: str, text: str) -> str:
+    """The run path a ``latest``-style file at ``source`` names by ``text``: a tag folder beside it."""
+    parent = posixpath.dirname(source)
+    return posixpath.join(parent, text) if parent else text
+
+
 def _pointers(location: Location, tree: _Tree, drafts: list[_Draft], warnings: list[str]) -> list[Pointer]:
     unit_paths = {d.path for d in drafts}
     by_path = {d.path: d for d in drafts}
@@ -256,7 +262,7 @@ def _pointers(location: Location, tree: _Tree, drafts: list[_Draft], warnings: l
             pointer = Pointer("tracker", entry.path, named.path)
             _apply_step_pointer(drafts, pointer, Layout.MEGATRON, step, "tracker")
         else:
-            target = posixpath.join(entry.parent, text) if entry.parent else text
+            target = sibling_named(entry.path, text)
             named_draft = by_path.get(target)
             if named_draft is None or not text or "/" in text:
                 warnings.append(f"{entry.path} names {text!r}, which is not in the run")
@@ -338,14 +344,16 @@ def scan_run(
     settle_seconds: float = DEFAULT_SETTLE_SECONDS,
     now: float | None = None,
     require_units: bool = True,
+    entries: Iterable[FileEntry] | None = None,
 ) -> RunScan:
     """Catalog a run: every checkpoint unit with its layout, step, status and reason, pointers and metrics.
 
+    ``entries`` is a listing of the run the caller already made (tier's remote view), to save a second walk.
     Raises NotFoundError (and subclasses) when the run is missing or a file, and NothingRecognisedError when
     ``require_units`` is set and no entry matches any known layout.
     """
     now = time.time() if now is None else now
-    entries = location.walk()
+    entries = location.walk() if entries is None else list(entries)
     tree = _Tree(entries)
     warnings: list[str] = []
     # A checkpoint folder given as the run (``ckptctl list run/checkpoint-300``) is one unit: by its name, or

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 from ckptctl.catalog.layouts import POINTER_FILE_NAMES
 from ckptctl.catalog.model import Pointer, RunScan
-from ckptctl.catalog.scan import scan_run
+from ckptctl.catalog.scan import scan_run, sibling_named
 from ckptctl.errors import NotFoundError
 from ckptctl.storage.location import Location
+from ckptctl.tiering.manifest import RemoteView
 
 MAX_POINTER_BYTES = 4096
 """Pointer files hold a tag or an iteration number; anything larger is not one of them."""
@@ -46,8 +47,7 @@ def _still_names(pointer: Pointer, data: bytes, step: int | None) -> bool:
         return text == "release" == posixpath.basename(pointer.target) or (
             text.isdigit() and int(text) == step
         )
-    parent = posixpath.dirname(pointer.source)
-    return (posixpath.join(parent, text) if parent else text) == pointer.target
+    return sibling_named(pointer.source, text) == pointer.target
 
 
 def push_pointers(
@@ -60,9 +60,12 @@ def push_pointers(
         path = local.full_path(pointer.source)
         if not _is_pointer_file(pointer) or pointer.target not in tiered or os.path.islink(path):
             continue
-        if os.path.getsize(path) > MAX_POINTER_BYTES:
-            continue
-        data = local.read_bytes(pointer.source)
+        try:
+            if os.path.getsize(path) > MAX_POINTER_BYTES:
+                continue
+            data = local.read_bytes(pointer.source)
+        except (OSError, NotFoundError):
+            continue  # removed since the scan: nothing to send
         target = scan.unit(pointer.target)
         if not _still_names(pointer, data, target.step if target else None):
             continue  # moved on since the scan; the next push sends it once what it names is tiered
@@ -77,12 +80,13 @@ def push_pointers(
     return written
 
 
-def pull_pointers(remote: Location, dest_root: str, tiered: Collection[str]) -> list[PointerCopy]:
+def pull_pointers(view: RemoteView, dest_root: str, tiered: Collection[str]) -> list[PointerCopy]:
     """Write the remote run's pointer files under ``dest_root`` where the checkpoint they name (one of ``tiered``)
-    is there and no local pointer is."""
+    is there and no local pointer is. The remote is cataloged from the listing ``view`` already holds."""
+    remote = view.location
     local = Location.from_url(dest_root)
     written = []
-    for pointer in scan_run(remote, require_units=False).pointers:
+    for pointer in scan_run(remote, require_units=False, entries=view.entries.values()).pointers:
         if not _is_pointer_file(pointer) or pointer.target not in tiered:
             continue
         if not os.path.lexists(local.full_path(pointer.target)) or os.path.lexists(

@@ -149,7 +149,7 @@ def pull_run(
         except (IntegrityError, NotFoundError) as exc:
             result.failed.append((manifest, exc))
     sound = {m.unit for m in chosen} - {m.unit for m, _ in result.failed}
-    result.pointers = pull_pointers(remote, dest_root, sound)
+    result.pointers = pull_pointers(view, dest_root, sound)
     result.seconds = time.monotonic() - started
     return result
 

@@ -163,9 +163,8 @@ def push(
         result.outcomes.append(UnitOutcome(unit, "uploaded", sent, seconds))
         emit("uploaded", unit=unit, bytes=sent, seconds=seconds)
     tiered = {o.unit.path for o in result.outcomes if o.action in ("uploaded", "already", "would-upload")}
-    named = (
-        scan.unit(p.target) for p in scan.pointers
-    )  # tiered by an earlier push, outside --steps/--min-age
+    # A pointer may name a checkpoint an earlier push tiered, outside this run's --steps/--min-age.
+    named = (scan.unit(p.target) for p in scan.pointers)
     tiered |= {u.path for u in named if u is not None and _already_tiered(view, u)}
     result.pointers = push_pointers(local, remote, scan, tiered, dry_run=options.dry_run)
     for copy in result.pointers:
