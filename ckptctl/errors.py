@@ -140,3 +140,35 @@ class UnsafePickleError(IntegrityError):
         "ckptctl reads only tensors, containers and known DeepSpeed/DCP records from pickles, and never runs "
         "code from a file"
     )
+
+
+class NotARegularFileError(IntegrityError):
+    """A file ckptctl must read (a pointer, a marker, a manifest) is a FIFO, a device or a link: never read."""
+
+    code = "not_a_regular_file"
+
+
+class InputTooLargeError(IntegrityError):
+    """A small file (pointer, marker, manifest, metric file) is larger than its kind can plausibly be."""
+
+    code = "input_too_large"
+
+
+class OutputOverlapsInputError(UsageError):
+    """An output is, contains or lies inside an input (OUT inside SRC, DEST inside the remote run, a push remote
+    inside the run): refused before anything is written, since writing would change what is being read."""
+
+    code = "output_overlaps_input"
+
+
+class UnsafeTargetError(RefusedError):
+    """A file or folder ckptctl would create or truncate (a lock, a partial folder, a download) is already there
+    as a link or as something ckptctl did not make: never written through, never removed."""
+
+    code = "unsafe_target"
+
+
+class TruncatedError(IntegrityError):
+    """A file ends before its own structure says it should (a header, trailer or size check proves it cut)."""
+
+    code = "truncated"

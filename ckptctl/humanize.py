@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 from ckptctl.errors import UsageError
 
@@ -26,24 +27,44 @@ _SIZE_UNITS = {
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+# No store holds more than this; a longer number is a typo, not a size (and would overflow float()).
+_MAX_SIZE = 10**21
+
+
 def parse_size(text: str) -> int:
     """``500MB``, ``2GiB``, ``1.5T``, ``1024`` -> bytes."""
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    found = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([a-zA-Z]*)\s*", text)
     unit = found.group(2).lower() if found else None
     if not found or unit not in _SIZE_UNITS:
-        raise UsageError(f"not a size: {text!r} (examples: 500MB, 2GiB, 1T)")
-    return int(float(found.group(1)) * _SIZE_UNITS[unit])
+        raise UsageError(f"not a size: {text[:40]!r} (examples: 500MB, 2GiB, 1T)")
+    size = int(Fraction(found.group(1)) * _SIZE_UNITS[unit])
+    if size > _MAX_SIZE:
+        raise UsageError(f"not a plausible size: {text[:40]!r} is more than 1 ZB")
+    return size
 
 
 def parse_duration(text: str) -> float:
     """``90s``, ``10m``, ``1h30m``, ``7d``, ``600`` (seconds) -> seconds."""
     text = text.strip().lower()
-    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+    if re.fullmatch(r"\d{1,15}(?:\.\d{1,15})?", text):
         return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw])", text)
+    parts = re.findall(r"(\d{1,15}(?:\.\d{1,15})?)([smhdw])", text)
     if not parts or "".join(n + u for n, u in parts) != text:
-        raise UsageError(f"not a duration: {text!r} (examples: 90s, 10m, 1h30m, 7d)")
+        raise UsageError(f"not a duration: {text[:40]!r} (examples: 90s, 10m, 1h30m, 7d)")
     return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def parse_steps(text: str) -> list[int]:
+    """``100,200, 300`` -> [100, 200, 300]: the one parser of step lists (``--keep-steps``, ``--steps``)."""
+    steps = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not re.fullmatch(r"\d{1,18}", part):
+            raise UsageError(f"not a step: {part[:40]!r} (a step is a whole number, e.g. 100,200,300)")
+        steps.append(int(part))
+    return steps
 
 
 def format_bytes(size: int | float) -> str:

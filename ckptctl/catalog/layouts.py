@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ckptctl.catalog.model import Layout, Status
+from ckptctl.catalog.model import Layout, Ordinal, Status
 
 CHECKPOINT_FILE_SUFFIXES = (
     ".pt",
@@ -63,6 +63,9 @@ class NameMatch:
     step: int | None
     epoch: int | None = None
     in_progress_reason: str | None = None
+    ordinal: Ordinal = "step"
+    last_copy: bool = False
+    """A fixed-name copy of the newest state (Lightning ``last.ckpt``): a pointer, not a checkpoint to rank."""
 
 
 _DIR_RULES: Sequence[tuple[re.Pattern[str], Layout, str | None]] = [
@@ -83,11 +86,14 @@ _DIR_RULES: Sequence[tuple[re.Pattern[str], Layout, str | None]] = [
     (re.compile(r"^ep(?P<epoch>\d+)-ba(?P<step>\d+)$"), Layout.COMPOSER, None),
     (re.compile(r"^.+--.*\bstep=(?P<step>\d+)\b.*$"), Layout.NEMO, None),
     (re.compile(r"^epoch=(?P<epoch>\d+)-step=(?P<step>\d+)\b.*\.ckpt$"), Layout.LIGHTNING, None),
+    # Accelerate ``automatic_checkpoint_naming``: N counts saves (checkpoint_0 is the first save), not steps.
+    (re.compile(r"^checkpoint_(?P<step>\d+)$"), Layout.ACCELERATE, None),
 ]
+_SAVE_COUNTED = frozenset({Layout.ACCELERATE})
+_LAST_COPY = re.compile(r"^last(-v\d+)?\.ckpt$")
 
 _FILE_RULES: Sequence[tuple[re.Pattern[str], Layout]] = [
     (re.compile(r"^epoch=(?P<epoch>\d+)-step=(?P<step>\d+)\b.*\.ckpt$"), Layout.LIGHTNING),
-    (re.compile(r"^last(-v\d+)?\.ckpt$"), Layout.LIGHTNING),
     (re.compile(r"^ep(?P<epoch>\d+)-ba(?P<step>\d+)(-rank\d+)?\.pt$"), Layout.COMPOSER),
 ]
 
@@ -100,6 +106,12 @@ _MEGATRON_RANK_DIR = re.compile(r"^mp_rank_\d+(_\d+)?$")
 _TRAILING_DIGITS = re.compile(r"(?P<n>\d+)$")
 
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
+# Accelerate's save_state writes the weights, optimizer and scheduler, then one random_states_<process>.pkl per
+# process, last (accelerate/checkpointing.py save_accelerator_state).
+_ACCELERATE_RNG = re.compile(r"^random_states_(?P<n>\d+)\.pkl$")
+_ACCELERATE_STATE = frozenset(
+    {"model.safetensors", "pytorch_model.bin", "optimizer.bin", "scheduler.bin", "pytorch_model_fsdp_0"}
+)
 
 
 def _int(match: re.Match[str], group: str) -> int | None:
@@ -112,12 +124,15 @@ def match_dir_name(name: str) -> NameMatch | None:
     for pattern, layout, in_progress in _DIR_RULES:
         found = pattern.match(name)
         if found:
-            return NameMatch(layout, _int(found, "step"), _int(found, "epoch"), in_progress)
+            ordinal: Ordinal = "save" if layout in _SAVE_COUNTED else "step"
+            return NameMatch(layout, _int(found, "step"), _int(found, "epoch"), in_progress, ordinal)
     return None
 
 
 def match_file_name(name: str) -> NameMatch | None:
     """A single-file checkpoint's layout and step from its name, or None for a non-checkpoint file."""
+    if _LAST_COPY.match(name):
+        return NameMatch(Layout.LIGHTNING, None, last_copy=True)
     for pattern, layout in _FILE_RULES:
         found = pattern.match(name)
         if found:
@@ -148,6 +163,9 @@ def match_dir_contents(name: str, child_names: set[str]) -> NameMatch | None:
         return NameMatch(Layout.HF_TRAINER, step)
     if ".metadata.json" in child_names and "model_and_optim" in child_names:
         return NameMatch(Layout.OLMO_CORE, step)
+    if any(_ACCELERATE_RNG.match(c) for c in child_names) and child_names & _ACCELERATE_STATE:
+        # ``save_state(dir)`` without automatic naming: the name's digits mean nothing we know.
+        return NameMatch(Layout.ACCELERATE, None)
     if any(_MEGATRON_RANK_DIR.match(c) for c in child_names):
         # Megatron's legacy format: iter_NNNNNNN/ or release/ holding mp_rank_XX[_YYY]/model_optim_rng.pt.
         return NameMatch(Layout.MEGATRON, step)
@@ -183,11 +201,12 @@ class Verdict:
     reason: str
 
 
-def judge_dir(layout: Layout, rel_files: set[str], name: str) -> Verdict:
+def judge_dir(layout: Layout, rel_files: set[str], name: str, empty: frozenset[str] = frozenset()) -> Verdict:
     """Completeness of a folder unit from the names of the files inside it (paths relative to the unit).
 
     Each family's own marker decides; where a family has none, the file that its trainer writes last stands
-    in for one (HF Trainer writes ``trainer_state.json`` after the weights and optimizer).
+    in for one (HF Trainer writes ``trainer_state.json`` after the weights and optimizer). ``empty`` names the
+    zero-byte files: a JSON marker of zero bytes is a save killed while writing it.
     """
     top = {f for f in rel_files if "/" not in f}
     if not rel_files:
@@ -195,6 +214,8 @@ def judge_dir(layout: Layout, rel_files: set[str], name: str) -> Verdict:
     if layout is Layout.HF_TRAINER:
         if "trainer_state.json" not in top:
             return Verdict(Status.INCOMPLETE, "no trainer_state.json (HF Trainer writes it last)")
+        if "trainer_state.json" in empty:
+            return Verdict(Status.INCOMPLETE, "trainer_state.json is empty (the save was cut off writing it)")
         if not any(f.endswith(CHECKPOINT_FILE_SUFFIXES) for f in rel_files):
             return Verdict(Status.INCOMPLETE, "trainer_state.json but no weights")
         return Verdict(Status.COMPLETE, "trainer_state.json present")
@@ -220,6 +241,8 @@ def judge_dir(layout: Layout, rel_files: set[str], name: str) -> Verdict:
             return Verdict(Status.COMPLETE, "COMPLETED marker present")
         return Verdict(Status.INCOMPLETE, "no COMPLETED marker")
     if layout is Layout.OLMO_CORE:
+        if ".metadata.json" in empty:
+            return Verdict(Status.INCOMPLETE, ".metadata.json is empty (the save was cut off writing it)")
         if ".metadata.json" in top:
             return Verdict(Status.COMPLETE, ".metadata.json present (written last)")
         return Verdict(Status.INCOMPLETE, "no .metadata.json (OLMo-core writes it last)")
@@ -229,6 +252,8 @@ def judge_dir(layout: Layout, rel_files: set[str], name: str) -> Verdict:
         return Verdict(Status.INCOMPLETE, "no weights/.metadata")
     if layout is Layout.DEEPSPEED:
         return judge_deepspeed_tag(top)
+    if layout is Layout.ACCELERATE:
+        return _judge_accelerate(rel_files, top)
     if layout is Layout.MEGATRON:
         has_weights = any(f.endswith("model_optim_rng.pt") for f in rel_files) or ".metadata" in top
         if not has_weights:
@@ -241,6 +266,18 @@ def judge_dir(layout: Layout, rel_files: set[str], name: str) -> Verdict:
             return Verdict(Status.COMPLETE, ".metadata present")
         return Verdict(Status.UNKNOWN, "folder-shaped .ckpt with no marker")
     return Verdict(Status.UNKNOWN, "unrecognised layout")
+
+
+def _judge_accelerate(rel_files: set[str], top: set[str]) -> Verdict:
+    processes = sorted(int(m.group("n")) for f in top if (m := _ACCELERATE_RNG.match(f)))
+    if not any(f.endswith((".safetensors", ".bin")) or "/" in f for f in rel_files):
+        return Verdict(Status.INCOMPLETE, "no model or optimizer state")
+    if not processes:
+        return Verdict(Status.INCOMPLETE, "no random_states_*.pkl (Accelerate writes them last)")
+    missing = sorted(set(range(max(processes) + 1)) - set(processes))
+    if missing:
+        return Verdict(Status.INCOMPLETE, f"missing random_states for process {', '.join(map(str, missing))}")
+    return Verdict(Status.COMPLETE, "random_states_*.pkl present (written last)")
 
 
 _RANK_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")

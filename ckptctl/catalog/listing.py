@@ -14,6 +14,16 @@ from ckptctl.humanize import parse_duration
 from ckptctl.storage.location import Location, parse_storage_options
 
 SORT_KEYS = ("step", "size", "age", "name", "status")
+# Logged numbers that describe the evaluation run rather than the model: hidden unless asked for.
+_EVAL_BOOKKEEPING = ("_runtime", "_samples_per_second", "_steps_per_second")
+_EVAL_PREFIXES = ("eval", "val", "test")
+
+
+def is_evaluation_metric(name: str) -> bool:
+    """What ``list`` shows by default: evaluation results (``eval_loss``, ``val_acc``, ``test/loss``), not the
+    training log (``loss``, ``grad_norm``, ``learning_rate``) nor the evaluation's own timings."""
+    lowered = name.lower()
+    return lowered.startswith(_EVAL_PREFIXES) and not lowered.endswith(_EVAL_BOOKKEEPING)
 
 
 @dataclass(frozen=True)
@@ -23,10 +33,15 @@ class ListOptions:
     limit: int | None = None
     statuses: frozenset[Status] = frozenset()
     settle_seconds: float = 600.0
+    metrics: frozenset[str] | None = frozenset()
+    """Metric names to show; empty: evaluation metrics and those in names; None: every metric."""
 
     @classmethod
-    def parse(cls, *, sort: str, limit: int | None, statuses: Sequence[str], settle: str) -> ListOptions:
-        """Validate the command-line spellings (``--sort size:desc``, ``--status incomplete,in-progress``)."""
+    def parse(
+        cls, *, sort: str, limit: int | None, statuses: Sequence[str], settle: str, metrics: str = ""
+    ) -> ListOptions:
+        """Validate the command-line spellings (``--sort size:desc``, ``--status incomplete,in-progress``,
+        ``--metrics all`` or ``--metrics eval_loss,loss``)."""
         key, _, direction = sort.partition(":")
         if key not in SORT_KEYS or direction not in ("", "asc", "desc"):
             raise UsageError(
@@ -40,7 +55,21 @@ class ListOptions:
                 except ValueError:
                     names = ", ".join(s.value for s in Status)
                     raise UsageError(f"--status takes {names}; got {name!r}") from None
-        return cls(key, direction == "desc", limit, frozenset(wanted), parse_duration(settle))
+        shown: frozenset[str] | None = (
+            None
+            if metrics.strip() == "all"
+            else frozenset(filter(None, (m.strip() for m in metrics.split(","))))
+        )
+        return cls(key, direction == "desc", limit, frozenset(wanted), parse_duration(settle), shown)
+
+    def shown_metrics(self, unit: Unit) -> dict[str, float]:
+        if self.metrics is None:
+            return dict(unit.metrics)
+        if self.metrics:
+            return {k: v for k, v in unit.metrics.items() if k in self.metrics}
+        if unit.metric_source == "name":
+            return dict(unit.metrics)
+        return {k: v for k, v in unit.metrics.items() if is_evaluation_metric(k)}
 
 
 def unit_to_dict(unit: Unit, now: float) -> dict[str, Any]:
@@ -48,7 +77,10 @@ def unit_to_dict(unit: Unit, now: float) -> dict[str, Any]:
     return {
         "path": unit.path,
         "name": unit.name,
+        "run": unit.run,
         "step": unit.step,
+        "step_kind": unit.ordinal,
+        "counted": unit.counted,
         "epoch": unit.epoch,
         "layout": unit.layout.value,
         "kind": unit.kind,
@@ -70,6 +102,25 @@ class Listing:
     now: float
     units: tuple[Unit, ...]
     scan: RunScan
+    options: ListOptions = ListOptions()
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        """Each run the scan found (several when a folder holds Lightning versions or HF output folders)."""
+        found = []
+        for run in self.scan.runs:
+            units = [u for u in self.scan.units if u.run == run and u.is_ranked]
+            complete = [u for u in units if u.is_complete]
+            found.append(
+                {
+                    "path": run,
+                    "units": len(units),
+                    "complete": len(complete),
+                    "bytes": sum(u.total_bytes for u in units),
+                    "newest_step": max((u.step or 0 for u in complete), default=None),
+                }
+            )
+        return found
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -89,7 +140,10 @@ class Listing:
     def to_dict(self) -> dict[str, Any]:
         return {
             "run": self.url,
-            "units": [unit_to_dict(u, self.now) for u in self.units],
+            "units": [
+                {**unit_to_dict(u, self.now), "metrics": self.options.shown_metrics(u)} for u in self.units
+            ],
+            "runs": self.runs,
             "pointers": [
                 {"name": p.name, "source": p.source, "target": p.target} for p in self.scan.pointers
             ],
@@ -119,4 +173,4 @@ def list_run(url: str, options: ListOptions, *, storage_options: Sequence[str] =
     units.sort(key=lambda u: _sort_value(u, options.sort_key, now), reverse=options.descending)
     if options.limit is not None:
         units = units[: options.limit]
-    return Listing(url=location.url, now=now, units=tuple(units), scan=scan)
+    return Listing(url=location.url, now=now, units=tuple(units), scan=scan, options=options)

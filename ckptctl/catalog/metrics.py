@@ -40,23 +40,45 @@ class TrainerState:
     global_step: int | None
 
 
+class TrainerStateError(ValueError):
+    """A ``trainer_state.json`` ckptctl cannot use; ``truncated`` when the JSON itself is cut short or empty
+    (HF writes the file last with a plain ``json.dump``, so a cut file is an interrupted save)."""
+
+    def __init__(self, message: str, *, truncated: bool) -> None:
+        super().__init__(message)
+        self.truncated = truncated
+
+
 def parse_trainer_state(data: bytes) -> TrainerState:
     """Parse ``trainer_state.json``: numeric ``log_history`` values grouped by their exact ``step``.
 
-    Raises ValueError on malformed JSON so the caller can record a warning.
+    Raises TrainerStateError: ``truncated`` for JSON that does not parse (cut short, as an interrupted save
+    leaves it), not for JSON of another shape (a ``log_history`` that is not a list, nesting too deep to
+    parse), which says nothing about whether the save finished.
     """
-    state = json.loads(data)
+    try:
+        state = json.loads(data)
+    except RecursionError:
+        raise TrainerStateError("nested too deeply to be a trainer_state.json", truncated=False) from None
+    except json.JSONDecodeError as exc:
+        raise TrainerStateError(f"truncated or corrupt JSON ({exc})", truncated=True) from None
+    except ValueError as exc:
+        raise TrainerStateError(f"not UTF-8 JSON ({exc})", truncated=False) from None
     if not isinstance(state, dict):
-        raise ValueError("trainer_state.json is not a JSON object")
+        raise TrainerStateError("not a JSON object", truncated=False)
+    history = state.get("log_history") or []
+    if not isinstance(history, list):
+        raise TrainerStateError("log_history is not a list", truncated=False)
     by_step: dict[int, dict[str, float]] = {}
-    for entry in state.get("log_history") or []:
+    for entry in history:
         if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
             continue
         values = by_step.setdefault(entry["step"], {})
         for key, value in entry.items():
             if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            values[key] = float(value)
+            number = float(value) if not isinstance(value, int) or abs(value) < 2**63 else math.inf
+            values[str(key)] = number
     best = state.get("best_model_checkpoint")
     step = state.get("global_step")
     return TrainerState(

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
+
+Ordinal = Literal["step", "save"]
+"""What a unit's number counts: training steps, or saves (Accelerate's ``checkpoint_N`` counts saves)."""
 
 
 class Status(str, Enum):
@@ -29,6 +34,7 @@ class Layout(str, Enum):
     ORBAX = "orbax"
     OPEN_INSTRUCT = "open-instruct"
     OLMO_CORE = "olmo-core"
+    ACCELERATE = "accelerate"
     NEMO = "nemo"
     COMPOSER = "composer"
     PLAIN_FILE = "file"
@@ -76,10 +82,27 @@ class Unit:
     pointers: tuple[str, ...] = ()
     metrics: dict[str, float] = field(default_factory=dict)
     metric_source: str | None = None
+    ordinal: Ordinal = "step"
+    """``save`` when ``step`` is a save counter rather than a training step (Accelerate)."""
+    counted: bool = True
+    """False for a copy a trainer keeps under a fixed name (Lightning's regular-file ``last.ckpt``): shown,
+    never counted by retention and never deleted."""
+    marker_checked: bool = False
+    """Whether the completion marker's contents were read and found whole (not only its presence)."""
 
     @property
     def name(self) -> str:
         return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def run(self) -> str:
+        """The folder (relative to what was scanned) whose checkpoints this one is ranked with: its parent."""
+        return posixpath.dirname(self.path)
+
+    @property
+    def is_ranked(self) -> bool:
+        """Whether retention may count it: a recognised, counted unit with a number."""
+        return self.layout is not Layout.UNKNOWN and self.counted and self.step is not None
 
     @property
     def is_complete(self) -> bool:
@@ -106,3 +129,10 @@ class RunScan:
     @property
     def recognised(self) -> tuple[Unit, ...]:
         return tuple(u for u in self.units if u.layout is not Layout.UNKNOWN)
+
+    @property
+    def runs(self) -> tuple[str, ...]:
+        """The folders that each hold a sequence of ranked checkpoints. More than one means several runs were
+        scanned together (Lightning's ``version_N/``, a folder of HF output directories): their steps restart
+        and must never be ranked against each other."""
+        return tuple(sorted({u.run for u in self.units if u.is_ranked}))

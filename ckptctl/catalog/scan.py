@@ -27,14 +27,16 @@ from ckptctl.catalog.layouts import (
     match_dir_name,
     match_file_name,
 )
-from ckptctl.catalog.metrics import metrics_from_name, parse_trainer_state
+from ckptctl.catalog.metrics import TrainerStateError, metrics_from_name, parse_trainer_state
 from ckptctl.catalog.model import Layout, Pointer, RunScan, Status, Unit, UnitFile
 from ckptctl.errors import CkptctlError, NothingRecognisedError
 from ckptctl.formats.quick_check import quick_check_file
-from ckptctl.storage.location import FileEntry, Location
+from ckptctl.storage.location import POINTER_FILE_LIMIT, FileEntry, Location
 
 DEFAULT_SETTLE_SECONDS = 600.0
 _TRACKER = "latest_checkpointed_iteration.txt"
+# A long run's trainer_state.json (a log entry per logging step) is megabytes; nothing real is near this.
+TRAINER_STATE_LIMIT = 128 * 1024 * 1024
 
 
 @dataclass
@@ -128,6 +130,7 @@ class _Draft:
     pointers: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     metric_source: str | None = None
+    marker_checked: bool = False
 
     @property
     def path(self) -> str:
@@ -155,7 +158,8 @@ def _judge(location: Location, tree: _Tree, candidate: _Candidate, warnings: lis
     if candidate.kind == "dir":
         prefix = f"{candidate.path}/" if candidate.path else ""
         rel_files = {f.path[len(prefix) :] for f in candidate.files}
-        return _Draft(candidate, match.layout, match.step, judge_dir(match.layout, rel_files, name))
+        empty = frozenset(f.path[len(prefix) :] for f in candidate.files if f.size == 0)
+        return _Draft(candidate, match.layout, match.step, judge_dir(match.layout, rel_files, name, empty))
     entry = candidate.files[0]
     if not entry.path.endswith((*ZIP_SUFFIXES, ".safetensors")):
         return _Draft(
@@ -176,7 +180,7 @@ def _judge(location: Location, tree: _Tree, candidate: _Candidate, warnings: lis
 def _read_text(location: Location, rel: str, warnings: list[str]) -> str | None:
     """A pointer file's text, or None (with a warning) when it cannot be read or is not short text."""
     try:
-        data = location.read_bytes(rel)
+        data = location.read_bytes(rel, max_bytes=POINTER_FILE_LIMIT)
     except CkptctlError as exc:
         warnings.append(f"{rel}: could not read pointer file: {exc}")
         return None
@@ -271,7 +275,8 @@ def _pointers(location: Location, tree: _Tree, drafts: list[_Draft], warnings: l
             _apply_step_pointer(drafts, pointer, Layout.DEEPSPEED, named_draft.step, entry.name)
         pointers.append(pointer)
     for draft in drafts:
-        if draft.layout is Layout.NEMO and re.search(r"-last$", draft.path):
+        match = draft.candidate.match
+        if (draft.layout is Layout.NEMO and re.search(r"-last$", draft.path)) or (match and match.last_copy):
             pointers.append(Pointer("last", draft.path, draft.path))
     return pointers
 
@@ -286,15 +291,15 @@ def _hf_metrics(location: Location, drafts: list[_Draft], warnings: list[str]) -
     for draft in newest_first[:3]:
         rel = f"{draft.path}/trainer_state.json" if draft.path else "trainer_state.json"
         try:
-            state = parse_trainer_state(location.read_bytes(rel))
-        except ValueError as exc:
-            # HF writes trainer_state.json last with a plain json.dump: cut short, the save did not finish.
-            draft.verdict = Verdict(Status.INCOMPLETE, f"trainer_state.json is truncated or corrupt ({exc})")
-            warnings.append(f"{rel}: not valid JSON; using an older trainer_state.json for metrics")
+            state = parse_trainer_state(location.read_bytes(rel, max_bytes=TRAINER_STATE_LIMIT))
+        except TrainerStateError as exc:
+            draft.verdict = trainer_state_verdict(exc)
+            warnings.append(f"{rel}: {exc}; using an older trainer_state.json for metrics")
             continue
         except CkptctlError as exc:
             warnings.append(f"{rel}: unreadable ({exc}); trying an older one")
             continue
+        draft.marker_checked = True
         for unit in hf:
             values = state.by_step.get(unit.step or -1)
             if values:
@@ -309,6 +314,14 @@ def _hf_metrics(location: Location, drafts: list[_Draft], warnings: list[str]) -
             return Pointer("best", rel, best.path)
         return None
     return None
+
+
+def trainer_state_verdict(exc: TrainerStateError) -> Verdict:
+    """A checkpoint whose trainer_state.json does not parse is incomplete (HF writes it last, with no rename);
+    one of another shape is not ours to judge."""
+    if exc.truncated:
+        return Verdict(Status.INCOMPLETE, f"trainer_state.json: {exc}")
+    return Verdict(Status.UNKNOWN, f"trainer_state.json is not HF Trainer's ({exc})")
 
 
 def _apply_journal(location: Location, tree: _Tree, drafts: list[_Draft], warnings: list[str]) -> None:
@@ -383,6 +396,7 @@ def scan_run(
         names_by_target.setdefault(pointer.target, []).append(pointer.name)
     units: list[Unit] = []
     for draft in drafts:
+        match = draft.candidate.match
         files = tuple(UnitFile(f.path, f.size, f.mtime, f.etag) for f in draft.candidate.files)
         mtimes = [f.mtime for f in files if f.mtime is not None]
         newest = max(mtimes) if mtimes else None
@@ -393,7 +407,7 @@ def scan_run(
                 kind=draft.candidate.kind,
                 layout=draft.layout,
                 step=draft.step,
-                epoch=draft.candidate.match.epoch if draft.candidate.match else None,
+                epoch=match.epoch if match else None,
                 status=draft.verdict.status,
                 reason=draft.verdict.reason,
                 files=files,
@@ -402,6 +416,9 @@ def scan_run(
                 pointers=tuple(sorted(set(names_by_target.get(draft.path, [])))),
                 metrics=dict(draft.metrics),
                 metric_source=draft.metric_source,
+                ordinal=match.ordinal if match else "step",
+                counted=not (match and match.last_copy),
+                marker_checked=draft.marker_checked,
             )
         )
     units.sort(key=lambda u: (u.step is None, u.step if u.step is not None else 0, u.epoch or 0, u.path))

@@ -16,9 +16,10 @@ from typing import Any
 
 from ckptctl.catalog.journal import JOURNAL_NAME, encode_journal
 from ckptctl.catalog.listing import unit_to_dict
-from ckptctl.catalog.model import RunScan, Status, Unit
+from ckptctl.catalog.markers import confirm_markers, marker_checkable
+from ckptctl.catalog.model import Layout, RunScan, Status, Unit
 from ckptctl.catalog.scan import scan_run
-from ckptctl.errors import MetricSourceError, RefusedError
+from ckptctl.errors import MetricSourceError, NothingRecognisedError, RefusedError, UsageError
 from ckptctl.humanize import format_bytes
 from ckptctl.retention.metrics import load_metric_file
 from ckptctl.retention.policy import Decision, Policy, decide, decide_incomplete
@@ -107,7 +108,8 @@ def plan_prune(
     incomplete_older_than: float | None = None,
     now: float | None = None,
 ) -> PrunePlan:
-    """Decide what to delete; raises RefusedError (exit 4) or MetricSourceError (exit 7), changes nothing."""
+    """Decide what to delete; raises RefusedError (exit 4), MetricSourceError (exit 7) or
+    NothingRecognisedError (exit 3), changes nothing."""
     scan = scan_run(location, settle_seconds=settle_seconds, now=now)
     if incomplete_older_than is not None:
         decisions = decide_incomplete(scan.units, incomplete_older_than, scan.scanned_at)
@@ -117,11 +119,50 @@ def plan_prune(
         )
         _check_limits(plan, max_delete, max_delete_bytes)
         return plan
+    _check_one_run(scan)
     metrics = None
+    notes = [*scan.warnings]
+    ranked = [u for u in scan.units if u.is_ranked]
+    if any(u.ordinal == "save" for u in ranked):
+        by_step = [
+            flag
+            for flag, used in (
+                ("--keep-every-steps", policy.keep_every_steps),
+                ("--keep-steps", policy.keep_steps),
+                ("--pin", policy.pinned_steps),
+                ("--metric-file", metric_file),
+            )
+            if used
+        ]
+        if by_step:
+            raise UsageError(
+                f"the checkpoints of {location.url} are numbered by save, not by training step "
+                f"(Accelerate's checkpoint_N), so {by_step[0]} cannot name them",
+                hint="use --keep-last, --keep-total or --keep-within, or a .ckptctl-keep file to pin one",
+            )
     if policy.keep_best and policy.metric:
         if metric_file is not None:
-            metrics = load_metric_file(metric_file, policy.metric, step_key)
-        elif not any(policy.metric in u.metrics for u in scan.units):
+            lightning = any(u.layout is Layout.LIGHTNING for u in ranked)
+            loaded = load_metric_file(metric_file, policy.metric, step_key, lightning_run=lightning)
+            metrics = loaded.by_step
+            matched = [u for u in ranked if u.step in metrics]
+            if not matched:
+                steps = sorted(metrics)
+                raise MetricSourceError(
+                    f"metric file {metric_file.url} matches no checkpoint of {location.url}: its {policy.metric!r} "
+                    f"rows are at steps {steps[0]}..{steps[-1]}"
+                    + (f" (+{loaded.step_offset}, Lightning's rule)" if loaded.step_offset else "")
+                    + f", the checkpoints at {_step_range(ranked)}",
+                    url=metric_file.url,
+                    hint="check --step-key, and that the file belongs to this run",
+                )
+            if loaded.step_offset:
+                notes.append(
+                    f"{metric_file.url}: Lightning's log; its row at step s is the validation of checkpoint "
+                    f"step s+{loaded.step_offset}"
+                )
+            notes.append(f"{metric_file.url}: {len(matched)} of {len(ranked)} checkpoints have a value")
+        elif not any(policy.metric in u.metrics for u in ranked):
             looked = sorted({u.metric_source for u in scan.units if u.metric_source}) or ["nowhere"]
             raise MetricSourceError(
                 f"no checkpoint of {location.url} has a value for {policy.metric!r} "
@@ -130,16 +171,71 @@ def plan_prune(
             )
     if check_time_order:
         _check_order(scan.units)
-    decisions = decide(scan.units, policy, metrics)
-    resume = tuple(
-        u for u in scan.units if u.status is Status.INCOMPLETE and u.reason.startswith("being deleted")
-    )
-    notes = [*scan.warnings]
+    decisions, units = _decide_confirmed(location, scan.units, policy, metrics, notes)
+    resume = tuple(u for u in units if u.status is Status.INCOMPLETE and u.reason.startswith("being deleted"))
     if any(r.startswith("tie@") for d in decisions for r in d.reasons):
         notes.append(f"ties at place {policy.keep_best} for {policy.metric}: all tied checkpoints are kept")
     plan = PrunePlan(location.url, policy, tuple(decisions), resume, tuple(notes), scan.scanned_at)
     _check_limits(plan, max_delete, max_delete_bytes)
     return plan
+
+
+def _decide_confirmed(
+    location: Location,
+    units: Sequence[Unit],
+    policy: Policy,
+    metrics: dict[int, float] | None,
+    notes: list[str],
+) -> tuple[list[Decision], list[Unit]]:
+    """Decide, read the markers of the units the decision keeps, and decide again until every kept unit's
+    marker has been read: a broken one drops out and the next whole checkpoint takes its place. Each marker
+    is read at most once."""
+    current = list(units)
+    while True:
+        decisions = decide(current, policy, metrics)
+        unread = {d.unit.path for d in decisions if d.action == "keep" and marker_checkable(d.unit)}
+        unread -= {u.path for u in current if u.marker_checked}
+        if not unread:
+            return decisions, current
+        picked = [u for u in current if u.path in unread]
+        confirmed, warnings = confirm_markers(location, picked)
+        notes.extend(warnings)
+        by_path = {u.path: u for u in confirmed}
+        for unit in confirmed:
+            if unit.status is not Status.COMPLETE:
+                notes.append(f"{unit.path}: {unit.reason}; not counted")
+        # A unit whose read failed is no longer checkable (not complete), so the loop ends.
+        current = [by_path.get(u.path, u) for u in current]
+
+
+def _step_range(units: Sequence[Unit]) -> str:
+    steps = sorted(u.step for u in units if u.step is not None)
+    return f"steps {steps[0]}..{steps[-1]}" if steps else "no step"
+
+
+def _check_one_run(scan: RunScan) -> None:
+    """Rule 4 again, by layout: checkpoints in different folders belong to different runs (Lightning's
+    ``version_N/``, sibling HF output folders), whose steps restart; ranking them together deletes the newer
+    run. And a run with nothing retention can rank is not a run ckptctl understands: say so (exit 3) rather
+    than report "nothing to delete"."""
+    runs = scan.runs
+    if len(runs) > 1:
+        shown = ", ".join(r or "." for r in runs[:6]) + (
+            f" and {len(runs) - 6} more" if len(runs) > 6 else ""
+        )
+        raise RefusedError(
+            f"{scan.url} holds {len(runs)} runs ({shown}); prune one run at a time",
+            url=scan.url,
+            hint=f"e.g. ckptctl prune {scan.url.rstrip('/')}/{next(r for r in runs if r)} ...; "
+            "ckptctl list shows each run",
+        )
+    if not runs:
+        found = sorted({u.layout.value for u in scan.recognised}) or ["nothing recognised"]
+        raise NothingRecognisedError(
+            f"no checkpoint in {scan.url} has a step or save number to rank by (found: {', '.join(found)})",
+            url=scan.url,
+            hint="prune ranks checkpoints by step; point it at the folder that holds them",
+        )
 
 
 def _check_limits(plan: PrunePlan, max_delete: int | None, max_delete_bytes: int | None) -> None:

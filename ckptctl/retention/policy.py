@@ -30,6 +30,9 @@ class Policy:
     keep_steps: frozenset[int] = frozenset()
     pinned_steps: frozenset[int] = frozenset()
     keep_without_metric: bool = True
+    keep_total: int | None = None
+    """At most this many in all, the best and the protected ones counted inside (HF ``save_total_limit``,
+    Orbax ``max_to_keep``); the rest of the places go to the newest."""
 
     @classmethod
     def build(
@@ -43,8 +46,26 @@ class Policy:
         keep_steps: Sequence[int] = (),
         pinned_steps: Sequence[int] = (),
         keep_without_metric: bool = True,
+        keep_total: int | None = None,
     ) -> Policy:
         """Validate a policy as the user spelled it; rule 1: no keep rule, no deletion."""
+        if keep_total is not None:
+            if keep_total < 1:
+                raise UsageError("--keep-total must be at least 1")
+            clash = [
+                flag
+                for flag, value in (
+                    ("--keep-last", keep_last),
+                    ("--keep-every-steps", keep_every_steps),
+                    ("--keep-within", keep_within_seconds),
+                )
+                if value is not None
+            ]
+            if clash:
+                raise UsageError(
+                    f"--keep-total is a total and {clash[0]} adds to it; use one or the other "
+                    "(--keep-total K --keep-best M keeps the best M and the newest, K in all)"
+                )
         if keep_last is not None and keep_last < 1:
             raise UsageError("--keep-last must be at least 1 (--keep-last 0 would delete every checkpoint)")
         if keep_best is not None and keep_best < 1:
@@ -78,18 +99,26 @@ class Policy:
             keep_steps=frozenset(keep_steps),
             pinned_steps=frozenset(pinned_steps),
             keep_without_metric=keep_without_metric,
+            keep_total=keep_total,
         )
         if not policy.has_rule:
             raise UsageError(
-                "prune needs at least one keep rule (--keep-last, --keep-best, --keep-every-steps, "
-                "--keep-within, --keep-steps): with no rule nothing is deleted"
+                "prune needs at least one keep rule (--keep-last, --keep-total, --keep-best, "
+                "--keep-every-steps, --keep-within, --keep-steps): with no rule nothing is deleted"
             )
         return policy
 
     @property
     def has_rule(self) -> bool:
         return any(
-            (self.keep_last, self.keep_best, self.keep_every_steps, self.keep_within_seconds, self.keep_steps)
+            (
+                self.keep_last,
+                self.keep_total,
+                self.keep_best,
+                self.keep_every_steps,
+                self.keep_within_seconds,
+                self.keep_steps,
+            )
         )
 
 
@@ -121,7 +150,7 @@ def decide(
     no step): kept and never counted.
     """
     reasons: dict[str, list[str]] = {u.path: [] for u in units}
-    countable = [u for u in units if u.status is Status.COMPLETE and u.step is not None]
+    countable = [u for u in units if u.status is Status.COMPLETE and u.is_ranked]
     newest_first = sorted(countable, key=lambda u: (u.step or 0, u.newest_mtime or 0), reverse=True)
 
     if newest_first:
@@ -138,7 +167,9 @@ def decide(
                     reasons[unit.path].append("no-metric")
                 continue
             scored.append((_rank_value(value, policy.mode), unit, value))
-        # Among equal values the older checkpoint ranks first, as HF Trainer and Lightning do.
+        # Every unit tied at the M-th place is kept, so the order among equal values only numbers them: the
+        # older first. (Trainers differ: Lightning's top-k refuses an equal newcomer but, when a better one
+        # arrives, evicts the older of tied incumbents, keeping the newer; HF keeps a single best.)
         scored.sort(key=lambda item: (item[0], item[1].step or 0))
         if scored:
             cutoff = scored[min(policy.keep_best, len(scored)) - 1][0]
@@ -164,11 +195,23 @@ def decide(
             reasons[unit.path].append("pinned")
         for pointer in unit.pointers:
             reasons[unit.path].append(f"ref:{pointer}")
+    if policy.keep_total:
+        # The total form: what the rules above protect counts first, the newest others fill up to K.
+        kept = sum(1 for u in countable if reasons[u.path])
+        for unit in newest_first:
+            if kept >= policy.keep_total:
+                break
+            if not reasons[unit.path]:
+                kept += 1
+                reasons[unit.path].append(f"total#{kept}")
 
     decisions = []
     for unit in units:
         if unit.status is not Status.COMPLETE:
             decisions.append(Decision(unit, "skip", (f"{unit.status.value}: {unit.reason}",)))
+        elif not unit.counted:
+            refs = tuple(f"ref:{p}" for p in unit.pointers)
+            decisions.append(Decision(unit, "skip", ("a copy of the newest state under a fixed name", *refs)))
         elif unit.step is None:
             refs = tuple(f"ref:{p}" for p in unit.pointers)
             decisions.append(Decision(unit, "skip", ("no step in its name", *refs)))

@@ -26,16 +26,24 @@ from fsspec.implementations.local import LocalFileSystem
 from ckptctl.errors import (
     BackendNotInstalledError,
     CkptctlError,
+    InputTooLargeError,
     NoCredentialsError,
     NoSuchBucketError,
     NotADirectoryRunError,
+    NotARegularFileError,
     NotFoundError,
+    OutputOverlapsInputError,
     PermissionDeniedError,
     StorageUnavailableError,
     UsageError,
 )
 
 EntryType = Literal["file", "directory", "link"]
+
+# What ``read_bytes`` reads at most unless the caller says less: small files of every kind (markers, manifests,
+# trainer_state.json of a long run) fit; a device or a sparse multi-GB file does not fill memory.
+SMALL_FILE_LIMIT = 256 * 1024 * 1024
+POINTER_FILE_LIMIT = 4096
 
 # Class names of connection failures raised by botocore/aiohttp/requests; matched by name so that this module
 # does not import any backend.
@@ -394,10 +402,64 @@ class Location:
         with self.errors(rel):
             return bytes(self.fs.cat_file(self.full_path(rel), start=start, end=end))
 
-    def read_bytes(self, rel: str) -> bytes:
-        """A whole (small) file: pointer files, trainer_state.json, metric files."""
+    def read_bytes(self, rel: str, *, max_bytes: int = SMALL_FILE_LIMIT) -> bytes:
+        """A whole small file (pointer files, trainer_state.json, manifests, metric files), at most ``max_bytes``.
+
+        Such files come from other people's runs: a FIFO named ``latest`` would block a plain read forever and
+        ``/dev/zero`` or a sparse 2 GiB ``latest`` would fill memory. Locally only a regular file is read, opened
+        without blocking and, below the location, without following a link (the root itself is what the user
+        named); anything else raises NotARegularFileError. Everywhere a file over ``max_bytes`` raises
+        InputTooLargeError after reading at most ``max_bytes + 1`` bytes (one ranged GET on an object store).
+        """
         with self.errors(rel):
-            return bytes(self.fs.cat_file(self.full_path(rel)))
+            if self.is_local:
+                return self._read_local_capped(rel, max_bytes)
+            data = bytes(self.fs.cat_file(self.full_path(rel), start=0, end=max_bytes + 1))
+        if len(data) > max_bytes:
+            raise self._too_large(rel, max_bytes)
+        return data
+
+    def _too_large(self, rel: str, max_bytes: int) -> InputTooLargeError:
+        return InputTooLargeError(
+            f"{self.url_of(rel)} is larger than the {max_bytes:,} bytes a file of its kind can be; not read",
+            url=self.url_of(rel),
+        )
+
+    def _read_local_capped(self, rel: str, max_bytes: int) -> bytes:
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        if rel:
+            flags |= getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.full_path(rel), flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NotARegularFileError(
+                    f"{self.url_of(rel)} is a symbolic link; ckptctl does not follow it", url=self.url_of(rel)
+                ) from exc
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise NotARegularFileError(
+                    f"{self.url_of(rel)} is not a regular file (a FIFO, device or socket); not read",
+                    url=self.url_of(rel),
+                )
+            if info.st_size > max_bytes:
+                raise self._too_large(rel, max_bytes)
+            chunks: list[bytes] = []
+            left = max_bytes + 1
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        if len(data) > max_bytes:
+            raise self._too_large(rel, max_bytes)
+        return data
 
     # -- writing and deleting ---------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
@@ -501,3 +563,92 @@ class Location:
         if self.is_local:
             with contextlib.suppress(OSError):
                 os.rmdir(self.full_path(rel))
+
+    # -- where two locations meet -----------------------------------------------------------------------------
+    def relation_to(self, other: Location) -> Overlap | None:
+        """Where this location lies against ``other``: ``same`` place, ``inside`` it, ``contains`` it, or None.
+
+        Local paths are compared resolved (the real path of the part that exists, so a link or ``..`` cannot hide
+        an overlap) and then by inode for the parts that exist (a bind mount or a hard link is the same place
+        under another name). Object stores compare protocol, bucket and key prefix by whole segments
+        (``s3://b/run`` and ``s3://b/run2`` are apart); endpoints are not compared, so the same bucket and key
+        reached two ways count as one place: this refuses too much rather than too little.
+        """
+        if self.is_local != other.is_local:
+            return None
+        if self.is_local:
+            return _local_relation(self.root or "/", other.root or "/")
+        mine, theirs = (_PROTOCOL_ALIASES.get(p, p) for p in (self.protocol, other.protocol))
+        if mine != theirs:
+            return None
+        return _segments_relation(_segments(self.root), _segments(other.root))
+
+    def overlaps(self, other: Location) -> bool:
+        """Whether one of the two is, contains or lies inside the other (see ``relation_to``)."""
+        return self.relation_to(other) is not None
+
+
+Overlap = Literal["same", "inside", "contains"]
+_PROTOCOL_ALIASES = {"s3a": "s3", "gcs": "gs", "local": "file"}
+_OVERLAP_WORDS: dict[Overlap, str] = {"same": "is the same place as", "inside": "lies inside", "contains": "contains"}
+
+
+def refuse_overlap(output: Location, source: Location, *, output_role: str, source_role: str) -> None:
+    """Raise OutputOverlapsInputError when ``output`` is, contains or lies inside ``source``; call it before
+    anything is written or deleted (an OUT inside SRC would overwrite, or a --force delete, what is being read)."""
+    relation = output.relation_to(source)
+    if relation is None:
+        return
+    raise OutputOverlapsInputError(
+        f"{output_role} {output.url} {_OVERLAP_WORDS[relation]} {source_role} {source.url}: "
+        "ckptctl never writes where it reads",
+        url=output.url,
+        hint=f"choose a {output_role} outside {source_role}",
+    )
+
+
+def _segments(path: str) -> tuple[str, ...]:
+    return tuple(part for part in path.split("/") if part not in ("", "."))
+
+
+def _segments_relation(mine: tuple[str, ...], theirs: tuple[str, ...]) -> Overlap | None:
+    if mine == theirs:
+        return "same"
+    if mine[: len(theirs)] == theirs:
+        return "inside"
+    if theirs[: len(mine)] == mine:
+        return "contains"
+    return None
+
+
+def _local_relation(mine: str, theirs: str) -> Overlap | None:
+    real_mine, real_theirs = os.path.realpath(mine), os.path.realpath(theirs)
+    found = _segments_relation(_segments(real_mine), _segments(real_theirs))
+    if found is not None:
+        return found
+    below = _at_or_below_by_inode(real_mine, real_theirs)
+    if below is not None:
+        return "same" if below == 0 else "inside"
+    return "contains" if _at_or_below_by_inode(real_theirs, real_mine) is not None else None
+
+
+def _at_or_below_by_inode(inner: str, outer: str) -> int | None:
+    """How many levels ``inner`` lies below the existing ``outer`` (0: the same file or folder), comparing the
+    inodes of ``inner`` and each existing ancestor with ``outer``'s; None when it is not below it."""
+    try:
+        target = os.stat(outer)
+    except OSError:
+        return None
+    path, depth = inner, 0
+    while True:
+        try:
+            found = os.stat(path)
+        except OSError:
+            pass
+        else:
+            if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
+                return depth
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path, depth = parent, depth + 1

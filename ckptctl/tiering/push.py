@@ -25,7 +25,7 @@ from ckptctl.catalog.scan import scan_run
 from ckptctl.errors import ChecksumMismatchError, CkptctlError, UsageError
 from ckptctl.retention.plan import COMPLETION_MARKERS, PrunePlan, PruneResult, execute
 from ckptctl.retention.policy import Decision, Policy, decide
-from ckptctl.storage.location import Location
+from ckptctl.storage.location import Location, refuse_overlap
 from ckptctl.storage.transfer import (
     DEFAULT_PART_SIZE,
     Uploaded,
@@ -130,10 +130,7 @@ def push(
 ) -> PushResult:
     """Tier a local run to ``remote``. The caller holds the local run lock (``storage.lock.run_lock``)."""
     emit = on_event or (lambda *a, **k: None)
-    if not local.is_local:
-        raise UsageError(
-            f"tier push reads from a local run; {local.url} is not local (use tier pull to fetch)"
-        )
+    check_target(local, remote)
     remote.require_bucket()
     scan = scan_run(local, settle_seconds=options.settle_seconds)
     view = remote_view(remote)
@@ -172,6 +169,17 @@ def push(
     if options.free_policy is not None:
         _free_local(local, remote, scan.units, options, result, emit)
     return result
+
+
+def check_target(local: Location, remote: Location) -> None:
+    """Refuse, before the lock is taken or anything is uploaded, a push that cannot be right: a run that is not
+    local, or a remote that is, contains or lies inside the run (every file would be rewritten onto itself, or
+    the only other copy of what is freed would live inside the run, where a later prune can delete it)."""
+    if not local.is_local:
+        raise UsageError(
+            f"tier push reads from a local run; {local.url} is not local (use tier pull to fetch)"
+        )
+    refuse_overlap(remote, local, output_role="--to", source_role="RUN")
 
 
 def _fatal(exc: CkptctlError) -> bool:
@@ -316,7 +324,7 @@ def _free_local(
     policy = options.free_policy
     metrics = None
     if policy.keep_best and policy.metric and options.metric_file is not None:
-        metrics = load_metric_file(options.metric_file, policy.metric, "step")
+        metrics = load_metric_file(options.metric_file, policy.metric, "step").by_step
     view = remote_view(remote)
     decisions: list[Decision] = []
     for decision in decide(units, policy, metrics):

@@ -25,6 +25,9 @@ UNIT_KEYS = {
     "pointers",
     "metrics",
     "metric_source",
+    "run",
+    "step_kind",
+    "counted",
 }
 
 
@@ -39,7 +42,7 @@ def test_success_envelope(tmp_path: Path) -> None:
         0,
         [],
     )
-    assert set(payload["data"]) == {"run", "units", "pointers", "warnings", "summary"}
+    assert set(payload["data"]) == {"run", "runs", "units", "pointers", "warnings", "summary"}
     assert set(payload["data"]["units"][0]) == UNIT_KEYS
 
 

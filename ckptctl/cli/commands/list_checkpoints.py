@@ -25,6 +25,15 @@ def list_checkpoints(
             help="Only these statuses (complete, incomplete, in-progress, unknown); repeatable or comma-separated.",
         ),
     ] = None,
+    metrics: Annotated[
+        str,
+        typer.Option(
+            "--metrics",
+            metavar="all|NAME,...",
+            help="Metrics to show: by default evaluation results (eval_*, val*, test*) and name=value in names; "
+            "'all' for every logged number, or a comma-separated list of names.",
+        ),
+    ] = "",
     settle: SettleOpt = "10m",
     storage_option: StorageOpt = None,
 ) -> None:
@@ -35,6 +44,7 @@ def list_checkpoints(
     checkpoint is whole: complete, incomplete (its layout's completion marker is missing, or the file is
     truncated), in-progress (a temporary name, newer than the run's `latest` pointer, or written less than
     --settle ago), or unknown. Entries ckptctl does not recognise are listed as unknown and never guessed.
+    A folder that holds several runs (Lightning's version_N/, sibling HF output folders) is shown run by run.
 
     Examples:
 
@@ -48,7 +58,7 @@ def list_checkpoints(
     from ckptctl.cli._output import Output
 
     out = Output.start("list", json_mode=json_out, quiet=quiet)
-    options = ListOptions.parse(sort=sort, limit=limit, statuses=status or [], settle=settle)
+    options = ListOptions.parse(sort=sort, limit=limit, statuses=status or [], settle=settle, metrics=metrics)
     listing = list_run(run, options, storage_options=storage_option or [])
     out.result(listing.to_dict())
     if not json_out:
@@ -57,43 +67,54 @@ def list_checkpoints(
 
 def _render(out: Any, listing: Any) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from ckptctl.catalog.metrics import format_metric
     from ckptctl.humanize import format_age, format_bytes
 
     colours = {"complete": "green", "incomplete": "red", "in-progress": "yellow", "unknown": "magenta"}
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("STEP", "STATUS", "SIZE", "AGE", "LAYOUT", "METRICS", "POINTERS", "PATH", "NOTE"):
-        table.add_column(
-            column, justify="right" if column in ("STEP", "SIZE", "AGE") else "left", overflow="fold"
-        )
-    for unit in listing.units:
-        step = (
-            str(unit.step)
-            if unit.step is not None
-            else (f"ep{unit.epoch}" if unit.epoch is not None else "-")
-        )
-        age = listing.now - unit.newest_mtime if unit.newest_mtime is not None else None
-        metrics = " ".join(
-            f"{k}={format_metric(v)}" for k, v in sorted(unit.metrics.items(), key=_metric_order)
-        )
-        note = "" if unit.status.value == "complete" else unit.reason
-        table.add_row(
-            step,
-            f"[{colours[unit.status.value]}]{unit.status.value}[/]",
-            format_bytes(unit.total_bytes),
-            format_age(age),
-            unit.layout.value,
-            metrics,
-            ",".join(unit.pointers),
-            unit.path or ".",
-            note,
-        )
-    out.print(table)
+    runs = listing.scan.runs
+    groups = [(run, [u for u in listing.units if u.run == run]) for run in runs] if len(runs) > 1 else []
+    ranked_elsewhere = {u.path for _, units in groups for u in units}
+    rest = [u for u in listing.units if u.path not in ranked_elsewhere]
+    if groups and rest:
+        groups.append((None, rest))
+    for run, units in groups or [(None, list(listing.units))]:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for column in ("STEP", "STATUS", "SIZE", "AGE", "LAYOUT", "METRICS", "POINTERS", "PATH", "NOTE"):
+            table.add_column(
+                column, justify="right" if column in ("STEP", "SIZE", "AGE") else "left", overflow="fold"
+            )
+        for unit in units:
+            if unit.step is not None:
+                step = f"save {unit.step}" if unit.ordinal == "save" else str(unit.step)
+            else:
+                step = f"ep{unit.epoch}" if unit.epoch is not None else "-"
+            age = listing.now - unit.newest_mtime if unit.newest_mtime is not None else None
+            shown = listing.options.shown_metrics(unit)
+            metrics = " ".join(f"{k}={format_metric(v)}" for k, v in sorted(shown.items(), key=_metric_order))
+            note = "" if unit.status.value == "complete" else unit.reason
+            # Names and reasons are data from the run: Text, so that "[bold]" or "x[/]" is shown, not parsed.
+            table.add_row(
+                step,
+                Text(unit.status.value, style=colours[unit.status.value]),
+                format_bytes(unit.total_bytes),
+                format_age(age),
+                unit.layout.value,
+                Text(metrics),
+                Text(",".join(unit.pointers)),
+                Text(unit.path or "."),
+                Text(note),
+            )
+        if groups:
+            label = f"run {run or '.'}" if run is not None else "not in any run"
+            out.print(Text(f"{label} ({len(units)} shown)", style="bold"))
+        out.print(table)
     summary = listing.summary
+    several = f" ({len(runs)} runs)" if len(runs) > 1 else ""
     out.info(
         f"{summary['shown']} of {summary['units']} checkpoints shown; {summary['complete']} complete, "
-        f"{format_bytes(summary['bytes'])} in {listing.url}"
+        f"{format_bytes(summary['bytes'])} in {listing.url}{several}"
     )
     for warning in listing.warnings:
         out.warn(warning)

@@ -16,6 +16,15 @@ def prune(
         int | None,
         typer.Option("--keep-last", metavar="K", help="Keep the newest K complete checkpoints (by step)."),
     ] = None,
+    keep_total: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-total",
+            metavar="K",
+            help="Keep K checkpoints in all: the best (--keep-best), the protected ones and then the newest, "
+            "like HF save_total_limit or Orbax max_to_keep.",
+        ),
+    ] = None,
     keep_best: Annotated[
         int | None,
         typer.Option("--keep-best", metavar="M", help="Keep the M best complete checkpoints by --metric."),
@@ -120,8 +129,13 @@ def prune(
     first; on a terminal it asks before deleting (--yes skips that); without a terminal (cron) it deletes.
     --json prints JSON Lines events: planned, deleted, skipped, error, and a final summary.
 
-    Exit codes: 0 done or nothing to do, 2 usage (no keep rule), 4 refused (--max-delete, two runs in one
-    folder), 5 some deletions failed (re-run finishes them), 6 another prune holds the run, 7 metric missing.
+    A folder that holds several runs (Lightning's version_N/, sibling HF output folders) is refused: prune
+    each run on its own. Lightning's CSVLogger metrics.csv is joined by Lightning's rule (its row at step s
+    holds the validation of the checkpoint at step s+1).
+
+    Exit codes: 0 done or nothing to do, 2 usage (no keep rule), 3 no checkpoint with a step to rank,
+    4 refused (--max-delete, several runs in one folder), 5 some deletions failed (re-run finishes them),
+    6 another prune holds the run, 7 metric missing or matching no checkpoint.
 
     Examples:
 
@@ -135,14 +149,14 @@ def prune(
     """
     from ckptctl.cli._output import Output
     from ckptctl.errors import UsageError
-    from ckptctl.humanize import parse_duration, parse_size
+    from ckptctl.humanize import parse_duration, parse_size, parse_steps
     from ckptctl.retention.plan import execute, plan_prune
     from ckptctl.retention.policy import Policy
     from ckptctl.storage.location import Location, parse_storage_options
     from ckptctl.storage.lock import run_lock
 
     out = Output.start("prune", json_mode=json_out, quiet=quiet)
-    steps = [int(s) for s in keep_steps.split(",") if s.strip()] if keep_steps else []
+    steps = parse_steps(keep_steps) if keep_steps else []
     if incomplete != (older_than is not None):
         raise UsageError("--incomplete and --older-than go together (e.g. --incomplete --older-than 1d)")
     policy = (
@@ -150,6 +164,7 @@ def prune(
         if incomplete
         else Policy.build(
             keep_last=keep_last,
+            keep_total=keep_total,
             keep_best=keep_best,
             metric=metric,
             keep_every_steps=keep_every_steps,
@@ -216,6 +231,7 @@ def prune(
 
 def _show_plan(out: Any, plan: Any) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from ckptctl.humanize import format_bytes
 
@@ -247,20 +263,20 @@ def _show_plan(out: Any, plan: Any) -> None:
         unit = decision.unit
         table.add_row(
             str(unit.step) if unit.step is not None else "-",
-            f"[{colours[decision.action]}]{decision.action}[/]",
+            Text(decision.action, style=colours[decision.action]),
             format_bytes(unit.total_bytes),
             unit.status.value,
-            ", ".join(decision.reasons),
-            unit.path or ".",
+            Text(", ".join(decision.reasons)),
+            Text(unit.path or "."),
         )
     for unit in plan.resume:
         table.add_row(
             str(unit.step),
-            "[red]delete[/]",
+            Text("delete", style="red"),
             format_bytes(unit.total_bytes),
             unit.status.value,
             "finishing an interrupted prune",
-            unit.path,
+            Text(unit.path),
         )
     out.print(table)
     for note in plan.notes:
