@@ -17,12 +17,17 @@ from ckptctl.errors import IntegrityError, NotFoundError, NothingRecognisedError
 from ckptctl.formats.dcp import inspect_dcp
 from ckptctl.formats.deepspeed import inspect_deepspeed
 from ckptctl.formats.detect import Format, format_of_bytes, format_of_dir, format_of_name
+from ckptctl.formats.lightning import checkpoint_callback, lightning_meta
 from ckptctl.formats.model import Defect, FileFact, Inspection, TensorInfo
 from ckptctl.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_facts, read_adapter_config
+from ckptctl.formats.plain_pickle import is_pickle_head, read_pickle_file
 from ckptctl.formats.restricted_pickle import TensorRef
 from ckptctl.formats.safetensors_header import read_safetensors_header
 from ckptctl.formats.source import FileSource
-from ckptctl.formats.torch_zip import LegacyTorchFormat, read_torch_archive, tensor_infos
+from ckptctl.formats.torch_file import TorchFile, read_torch_file
+from ckptctl.formats.torch_legacy import LegacyTorchFile, is_legacy_head
+from ckptctl.formats.training_state import tensor_infos, training_state_facts
+from ckptctl.formats.verify import check_file
 from ckptctl.storage.location import FileEntry, Location
 
 __all__ = ["Inspection", "inspect_checkpoint", "inspect_location"]
@@ -105,6 +110,18 @@ def _inspect_location(location: Location, *, verify: bool) -> Inspection:
             hint="inspect takes a checkpoint file or folder (safetensors, torch, DeepSpeed, DCP, PEFT); "
             "for a run, add --step N or --latest",
         )
+    result = _inspect_folder(location, entries, files, found, verify=verify)
+    return _verify_other_files(location, files, result) if verify else result
+
+
+def _inspect_folder(
+    location: Location,
+    entries: list[FileEntry],
+    files: list[FileEntry],
+    found: tuple[Format, str | None],
+    *,
+    verify: bool,
+) -> Inspection:
     kind, weights = found
     if kind is Format.DCP:
         return inspect_dcp(location, entries, verify=verify)
@@ -122,6 +139,29 @@ def _inspect_location(location: Location, *, verify: bool) -> Inspection:
     others = sorted(p for p in by_path if p not in read and "/" not in p)
     files_facts = (*result.files, *(FileFact(p, by_path[p].size, "other") for p in others))
     return replace(result, url=location.url, files=files_facts)
+
+
+def _verify_other_files(location: Location, files: list[FileEntry], result: Inspection) -> Inspection:
+    """``--verify`` on a folder: every other file of the checkpoint with a checkable format (formats/verify.py)
+    — the unit's top level and the folders its main reader read (a DeepSpeed tag), not other tags — each
+    defect naming its file."""
+    checked_by_reader = {f.path for f in result.files if f.role != "other"}
+    folders = {posixpath.dirname(p) for p in checked_by_reader} | {""}
+    defects = list(result.defects)
+    kinds: dict[str, str] = {}
+    unchecked: list[str] = []
+    for entry in files:
+        if entry.path in checked_by_reader or entry.parent not in folders:
+            continue
+        check = check_file(location, entry)
+        if check.kind is None:
+            unchecked.append(entry.path)
+            continue
+        kinds[entry.path] = check.kind
+        defects += check.defects
+    facts = dict(result.facts)
+    facts["verified_files"] = {"checked": kinds, "not_checkable": unchecked}
+    return replace(result, defects=tuple(defects), facts=facts)
 
 
 def inspect_file(location: Location, entry: FileEntry, *, verify: bool = False) -> Inspection:
@@ -156,6 +196,8 @@ def inspect_file(location: Location, entry: FileEntry, *, verify: bool = False) 
     if kind is Format.DCP:
         parent = location
         return inspect_dcp(parent, parent.walk(), verify=verify)
+    if kind is Format.PICKLE:
+        return inspect_pickle_file(source, verify=verify)
     return inspect_torch_file(source, verify=verify)
 
 
@@ -164,78 +206,94 @@ def _with_file(tensor: TensorInfo, file: str) -> TensorInfo:
 
 
 def inspect_torch_file(source: FileSource, *, verify: bool = False) -> Inspection:
-    url = source.location.url_of(source.rel)
+    """A torch.save file of either serialization (or, failing both, a plain pickle), torch-free.
+
+    Always: the zip directory and ``data.pkl``, or the legacy pickles and the storages' sizes against the file
+    size (that is the legacy format's truncation check). ``verify`` adds every zip member's size, or every
+    legacy storage's element count.
+    """
     try:
-        archive = read_torch_archive(source)
-    except LegacyTorchFormat:
-        return _inspect_legacy_with_torch(source)
-    top = archive.obj if isinstance(archive.obj, dict) else {}
-    metadata: dict[str, Any] = {}
-    if any(not isinstance(v, TensorRef) for v in top.values()):
-        # A training state (Lightning, HF optimizer.pt...), not a plain state dict: its keys and scalars
-        # (epoch, global_step, versions) are what an operator looks for.
-        metadata["top_level_keys"] = [str(k) for k in top]
-        metadata.update({str(k): v for k, v in top.items() if isinstance(v, (int, float, str, bool))})
-    defects = tuple(archive.check_members()) if verify else ()
+        torch_file = read_torch_file(source)
+    except IntegrityError:
+        head = source.head()
+        if is_pickle_head(head) and not is_legacy_head(head):
+            return inspect_pickle_file(source, verify=verify)
+        raise
+    notes: list[str] = []
+    facts: dict[str, Any] = {}
+    if isinstance(torch_file, LegacyTorchFile):
+        defects = torch_file.check("all" if verify else "cached")
+        facts["torch"] = {"serialization": "legacy", "storages": len(torch_file.storages)}
+        if torch_file.unknown is not None:
+            notes.append(f"the data section's size cannot be checked: {torch_file.unknown}")
+        if torch_file.trailing_bytes:
+            notes.append(
+                f"{torch_file.trailing_bytes} bytes after the last storage (torch.load ignores them)"
+            )
+    else:
+        defects = torch_file.check_members() if verify else []
+        storages = {r.storage_key for r in torch_file.tensors}
+        facts["torch"] = {"serialization": "zip", "storages": len(storages)}
+    tensors = tensor_infos(torch_file.obj, torch_file.tensors, torch_file.aliases, source.rel)
+    facts.update(training_state_facts(torch_file.obj, tensors))
+    lightning = _lightning_facts(torch_file)
+    if lightning:
+        facts["lightning"] = lightning
     return Inspection(
-        url,
+        source.location.url_of(source.rel),
         Format.TORCH.value,
         (FileFact(source.rel, source.size, "weights"),),
-        tensor_infos(archive, source.rel),
-        metadata=metadata,
-        defects=defects,
+        tensors,
+        metadata=_top_level(torch_file.obj),
+        facts=facts,
+        defects=tuple(defects),
+        notes=tuple(notes),
         verified=verify,
     )
 
 
-def _inspect_legacy_with_torch(source: FileSource) -> Inspection:
-    """The pre-zip torch format has no directory to read: only torch can list it, and only safely with
-    ``weights_only=True`` passed explicitly (an environment variable can flip the default)."""
-    import importlib.util
+def _top_level(obj: Any) -> dict[str, Any]:
+    """A training state (Lightning, HF optimizer.pt...), not a plain state dict: its keys and scalars (epoch,
+    global_step, versions) are what an operator looks for."""
+    top = obj if isinstance(obj, dict) else {}
+    if all(isinstance(v, TensorRef) for v in top.values()):
+        return {}
+    metadata: dict[str, Any] = {"top_level_keys": [str(k) for k in top]}
+    metadata.update({str(k): v for k, v in top.items() if isinstance(v, (int, float, str, bool))})
+    return metadata
 
-    url = source.location.url_of(source.rel)
-    try:
-        has_torch = importlib.util.find_spec("torch") is not None
-    except (ImportError, ValueError):
-        has_torch = False
-    if not has_torch or not source.location.is_local:
-        raise LegacyTorchFormat(
-            f"{source.name}: torch's legacy (non-zip) format: listing it needs torch"
-            + ("" if source.location.is_local else " and a local copy"),
-            url=url,
-            hint="install torch (pip install torch) and inspect a local copy; ckptctl then uses "
-            "torch.load(weights_only=True)",
-        )
-    import torch
 
-    try:
-        obj = torch.load(source.location.full_path(source.rel), weights_only=True, map_location="cpu")
-    except Exception as exc:  # torch raises many types; the message is what the user needs
-        raise IntegrityError(
-            f"{source.name}: torch.load(weights_only=True) refused it: {exc}".splitlines()[0], url=url
-        ) from None
-    tensors = []
+def _lightning_facts(torch_file: TorchFile) -> dict[str, Any]:
+    """What a Lightning checkpoint's ModelCheckpoint state says (formats/lightning.py; one more read)."""
+    if checkpoint_callback(torch_file.obj) is None:
+        return {}
+    meta = lightning_meta(torch_file.obj, torch_file)
+    return {
+        "monitor": meta.monitor,
+        "mode": meta.mode,
+        "current_score": meta.current_score,
+        "best_k_models": meta.best_k_models,
+        "best_model_path": meta.best_model_path,
+        "last_model_path": meta.last_model_path,
+    }
 
-    def walk(value: Any, path: tuple[str, ...]) -> None:
-        if isinstance(value, torch.Tensor):
-            dtype = str(value.dtype).removeprefix("torch.")
-            tensors.append(
-                TensorInfo(".".join(path), dtype, tuple(value.shape), value.numel() * value.element_size())
-            )
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, (*path, str(k)))
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(v, (*path, str(i)))
 
-    walk(obj, ())
+def inspect_pickle_file(source: FileSource, *, verify: bool = False) -> Inspection:
+    """A plain pickle (``pickle.dump``: not torch.save), e.g. some trainers' RNG state: what it holds, from
+    the allow-listed records; cut before its STOP opcode it is an IntegrityError."""
+    pickled = read_pickle_file(source)
+    notes = []
+    if pickled.end < source.size:
+        notes.append(f"{source.size - pickled.end} bytes after the pickle's end")
     return Inspection(
-        url,
-        Format.TORCH.value,
-        (FileFact(source.rel, source.size, "weights"),),
-        tuple(tensors),
-        notes=("legacy (non-zip) torch format: read with torch.load(weights_only=True)",),
+        source.location.url_of(source.rel),
+        Format.PICKLE.value,
+        (FileFact(source.rel, source.size, "state"),),
+        (),
+        metadata=_top_level(pickled.obj),
+        facts=training_state_facts(pickled.obj, ()),
+        notes=tuple(notes),
+        verified=verify,
     )
 
 
@@ -252,9 +310,9 @@ def inspect_sharded(
     try:
         index = json.loads(location.read_bytes(index_entry.path))
         weight_map = {str(k): str(v) for k, v in index["weight_map"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise IntegrityError(
-            f"{index_entry.path}: not a safetensors index ({type(exc).__name__}: {exc})",
+            f"{index_entry.path}: not a safetensors index ({type(exc).__name__}: {str(exc)[:200]})",
             url=location.url_of(index_entry.path),
         ) from None
     if listing is None:

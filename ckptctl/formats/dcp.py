@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckptctl.errors import IntegrityError
-from ckptctl.formats.model import Defect, FileFact, Inspection, TensorInfo, nbytes_of, numel_of
+from ckptctl.formats.model import Defect, FileFact, Inspection, TensorInfo, checked_shape, nbytes_of, numel_of
 from ckptctl.formats.restricted_pickle import PickledObject, TorchDType, restricted_loads
 from ckptctl.formats.source import FileSource
 from ckptctl.formats.torch_zip import ZIP_MAGIC
@@ -136,7 +136,7 @@ def inspect_dcp(location: Location, entries: Sequence[FileEntry], *, verify: boo
         if not isinstance(entry, PickledObject) or not entry.qualname.endswith("TensorStorageMetadata"):
             bytes_items.append(name)
             continue
-        size = tuple(entry.get("size") or ())
+        size = checked_shape(tuple(entry.get("size") or ()), f"tensor {name[:200]!r}")
         dtype = _dtype(entry.get("properties"))
         chunks = [
             (tuple(c.get("offsets") or ()), tuple(c.get("sizes") or ()))

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptctl.errors import IntegrityError, NotFoundError
-from ckptctl.formats.model import Defect, FileFact, Inspection, TensorInfo, nbytes_of
+from ckptctl.formats.model import Defect, FileFact, Inspection, TensorInfo, checked_shape, nbytes_of, numel_of
 from ckptctl.formats.restricted_pickle import PickledObject, TensorRef
 from ckptctl.formats.source import FileSource
 from ckptctl.formats.torch_zip import read_torch_archive
-from ckptctl.storage.location import FileEntry, Location
+from ckptctl.storage.location import POINTER_FILE_LIMIT, FileEntry, Location
 
 MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<mp>\d+)_model_states\.pt$")
 OPTIM_STATES = re.compile(r"^(?P<bf16>bf16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
@@ -48,7 +48,9 @@ def find_tag(location: Location, entries: Sequence[FileEntry]) -> DeepSpeedTag |
         return DeepSpeedTag("", None, top)
     latest: str | None = None
     if "latest" in top:
-        latest = location.read_bytes("latest").decode("utf-8", "replace").strip()
+        latest = (
+            location.read_bytes("latest", max_bytes=POINTER_FILE_LIMIT).decode("utf-8", "replace").strip()
+        )
     tags = sorted(
         {e.parent for e in files if e.parent and "/" not in e.parent and is_deepspeed_dir({e.name})}
     )
@@ -68,7 +70,9 @@ def find_tag(location: Location, entries: Sequence[FileEntry]) -> DeepSpeedTag |
 
 
 def _shapes(value: Any) -> dict[str, tuple[int, ...]]:
-    return {str(k): tuple(v) for k, v in value.items()} if isinstance(value, dict) else {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): checked_shape(v, f"parameter {str(k)[:200]!r}") for k, v in value.items()}
 
 
 def _zero_stage(states: dict[str, Any], tag: DeepSpeedTag) -> int | None:
@@ -90,6 +94,82 @@ def _training_dtype(config: Any) -> str | None:
     if (config.get("fp16") or {}).get("enabled"):
         return "float16"
     return "float32"
+
+
+def _world_size(value: Any) -> int:
+    """A world size from the states file: a positive int (1 when absent); anything else is -1, which no tag
+    can hold."""
+    if value is None:
+        return 1
+    return value if type(value) is int and value >= 1 else -1
+
+
+def _shown(value: int) -> str:
+    return str(value) if value.bit_length() < 64 else f"<{value.bit_length()}-bit number>"
+
+
+def world_sizes(states: dict[str, Any], stage: int | None, files: int) -> tuple[int, int, str | None]:
+    """``dp_world_size`` and ``mp_world_size`` from rank 0's model states, and why they cannot be this tag's
+    (None when they can). Every rank writes a file (an optimizer file per dp x mp rank under ZeRO, a model file
+    per mp rank), so a tag of ``files`` files cannot hold more ranks: check this before building a name from
+    those numbers (``10**9`` ranks would be a billion names)."""
+    dp = _world_size(states.get("dp_world_size"))
+    mp = _world_size(states.get("mp_world_size"))
+    ranks = dp * mp if stage in (1, 2, 3) else mp
+    if dp >= 1 and mp >= 1 and ranks <= max(1, files):
+        return dp, mp, None
+    return (
+        dp,
+        mp,
+        f"says dp_world_size={_shown(dp)}, mp_world_size={_shown(mp)}, but the tag holds {files} files "
+        "(corrupt, or not this tag's states)",
+    )
+
+
+def _group_numels(optimizer: dict[str, Any]) -> list[int] | None:
+    """Elements of each flat fp32 group a rank's optimizer file holds (stage 1/2 and BF16_Optimizer:
+    ``single_partition_of_fp32_groups``; stage 3: ``fp32_flat_groups``), or None when it holds neither."""
+    groups = optimizer.get("single_partition_of_fp32_groups", optimizer.get("fp32_flat_groups"))
+    if not isinstance(groups, list) or not all(isinstance(g, TensorRef) for g in groups):
+        return None
+    return [numel_of(g.shape) for g in groups]
+
+
+def partition_problems(
+    stage: int, dp: int, param_shapes: list[Any], optimizers: dict[str, dict[str, Any]]
+) -> list[str]:
+    """Whether the dp ranks' fp32 partitions add up to the model's trainable parameters, group by group
+    (fixtures/zero/README.md, "Flattening"): stage 1/2 concatenate a group's parameters (plus alignment pads)
+    and pad the group to a multiple of 2 x dp, and each rank saves its slice with or without that padding;
+    stage 3 splits every parameter into dp slices of ceil(numel / dp). An optimizer file of another model (or
+    world size) fails this; the model states alone cannot tell."""
+    per_rank = [_group_numels(o) for o in optimizers.values()]
+    if any(n is None for n in per_rank) or not param_shapes:
+        return []
+    counts = {len(n) for n in per_rank if n is not None}
+    if counts != {len(param_shapes)}:
+        return [
+            f"optimizer files hold {sorted(counts)} parameter groups, the model states {len(param_shapes)}"
+        ]
+    problems = []
+    first = next(iter(optimizers.values()))
+    paddings = first.get("param_alignment_paddings")
+    for index, group in enumerate(param_shapes):
+        shapes = list(_shapes(group).values())
+        total = sum(n[index] for n in per_rank if n is not None)
+        if stage == 3:
+            low = sum(numel_of(s) for s in shapes)
+            high = sum(-(-numel_of(s) // dp) * dp for s in shapes)
+        else:
+            pads = paddings[index] if isinstance(paddings, list) and index < len(paddings) else []
+            low = sum(numel_of(s) for s in shapes) + sum(p for p in pads if type(p) is int)
+            high = -(-low // (2 * dp)) * 2 * dp
+        if not low <= total <= high:
+            problems.append(
+                f"optimizer partitions of group {index} hold {total} elements across {dp} ranks, the model's "
+                f"parameters need {low} (another model's optimizer state?)"
+            )
+    return problems
 
 
 def expected_rank_files(stage: int | None, dp: int, mp: int, bf16_prefix: bool) -> list[str]:
@@ -131,8 +211,7 @@ def inspect_deepspeed(
         module = {}
     refs: dict[str, TensorRef] = {str(k): v for k, v in module.items() if isinstance(v, TensorRef)}
     stage = _zero_stage(states, tag)
-    dp = int(states.get("dp_world_size") or 1)
-    mp = int(states.get("mp_world_size") or 1)
+    dp, mp, implausible = world_sizes(states, stage, len(tag.files))
     config = states.get("ds_config")
     notes: list[str] = []
 
@@ -174,13 +253,20 @@ def inspect_deepspeed(
     bf16_prefix = any(n.startswith("bf16_") for n in present_optim) or (
         not present_optim and _training_dtype(config) == "bfloat16"
     )
-    expected = expected_rank_files(stage, dp, mp, bf16_prefix)
+    defects: list[Defect] = []
+    if implausible is not None:
+        # One defect, and the rank files are not enumerated.
+        defects.append(Defect(rel(first), implausible))
+        expected = []
+    else:
+        expected = expected_rank_files(stage, dp, mp, bf16_prefix)
     missing = [n for n in expected if n not in tag.files]
-    defects = [Defect(rel(n), "rank file missing") for n in missing]
+    defects += [Defect(rel(n), "rank file missing") for n in missing]
     defects += [
         Defect(rel(n), "empty rank file") for n in expected if n in tag.files and tag.files[n].size == 0
     ]
     verified_stage = None
+    partitions: dict[str, dict[str, Any]] = {}
     if verify:
         defects += archive.check_members()
         for name in expected:
@@ -195,10 +281,18 @@ def inspect_deepspeed(
             optimizer = other.obj.get("optimizer_state_dict") if isinstance(other.obj, dict) else None
             if isinstance(optimizer, dict) and isinstance(optimizer.get("zero_stage"), PickledObject):
                 verified_stage = optimizer["zero_stage"].args[0] if optimizer["zero_stage"].args else None
+            match = OPTIM_STATES.match(name)
+            if match and int(match["mp"]) == 0 and isinstance(optimizer, dict):
+                partitions[name] = optimizer
     if verified_stage is not None and stage is not None and verified_stage != stage:
         defects.append(
             Defect(rel(first), f"ds_config says stage {stage}, optimizer files say {verified_stage}")
         )
+    if verify and implausible is None and len(partitions) == dp and stage in (1, 2, 3):
+        defects += [
+            Defect(rel(sorted(partitions)[0]), problem)
+            for problem in partition_problems(stage, dp, list(states.get("param_shapes") or []), partitions)
+        ]
 
     files = tuple(
         FileFact(rel(n), e.size, "rank" if n in expected else "other") for n, e in sorted(tag.files.items())

@@ -9,7 +9,9 @@ from enum import Enum
 from ckptctl.formats.dcp import is_dcp_dir
 from ckptctl.formats.deepspeed import is_deepspeed_dir
 from ckptctl.formats.peft import ADAPTER_CONFIG
-from ckptctl.formats.torch_zip import LEGACY_MAGIC, ZIP_MAGIC
+from ckptctl.formats.plain_pickle import is_pickle_head
+from ckptctl.formats.torch_legacy import is_legacy_head
+from ckptctl.formats.torch_zip import ZIP_MAGIC
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -30,6 +32,8 @@ class Format(str, Enum):
     DEEPSPEED = "deepspeed"
     DCP = "dcp"
     PEFT = "peft"
+    PICKLE = "pickle"
+    """A plain pickle (``pickle.dump``), not written by torch.save."""
 
 
 def format_of_name(name: str) -> Format | None:
@@ -46,9 +50,12 @@ def format_of_name(name: str) -> Format | None:
 
 
 def format_of_bytes(head: bytes, size: int) -> Format | None:
-    """Sniff a file's first bytes: a zip or legacy torch pickle, or a plausible safetensors header."""
-    if head.startswith(ZIP_MAGIC) or head.startswith(LEGACY_MAGIC):
+    """Sniff a file's first bytes: a zip or legacy torch file, a plain pickle, or a plausible safetensors
+    header."""
+    if head.startswith(ZIP_MAGIC) or is_legacy_head(head):
         return Format.TORCH
+    if is_pickle_head(head):
+        return Format.PICKLE
     if len(head) >= 9:
         (length,) = struct.unpack("<Q", head[:8])
         if 8 + length <= size and head[8:9] == b"{":

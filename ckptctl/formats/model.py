@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckptctl.errors import IntegrityError
+
 # torch dtype name -> bits per element (as the shape counts elements).
 DTYPE_BITS: dict[str, int] = {
     "float64": 64,
@@ -46,8 +48,49 @@ DTYPE_BITS: dict[str, int] = {
 FLOATING = {name for name in DTYPE_BITS if name.startswith(("float", "bfloat", "complex"))}
 
 
+# Dimensions, strides, offsets and element counts read from a file must stay below this: no real tensor is
+# larger, and numbers of thousands of digits would break every renderer (str() of an int is capped).
+MAX_DIMENSION = 2**63
+
+
 def numel_of(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+def checked_shape(value: Any, what: str) -> tuple[int, ...]:
+    """``value`` as a shape: at most 64 non-negative ints below MAX_DIMENSION whose product is too; else an
+    IntegrityError naming ``what`` (a tensor of a crafted or damaged file)."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) > 64
+        or not all(type(d) is int and 0 <= d < MAX_DIMENSION for d in value)
+        or math.prod(value) >= MAX_DIMENSION
+    ):
+        raise IntegrityError(f"{what} has an invalid shape {plain_value(value)!s:.80}")
+    return tuple(value)
+
+
+_MAX_INT_BITS = 13_000  # about 3,900 digits: below Python's 4,300-digit limit on int -> str
+_MAX_NESTING = 24
+
+
+def plain_value(value: Any, depth: int = 0) -> Any:
+    """A JSON- and terminal-safe copy of a value read from a file: ints too long for ``str()`` become text,
+    nesting is cut at ``_MAX_NESTING`` levels, tuples become lists, and records become their short text."""
+    if value is None or isinstance(value, (bool, float, str)):
+        return value
+    if isinstance(value, int):
+        bits = value.bit_length()
+        return value if bits <= _MAX_INT_BITS else f"<integer of {bits:,} bits>"
+    if depth >= _MAX_NESTING:
+        return "<nested too deeply>"
+    if isinstance(value, dict):
+        return {str(plain_value(k, depth + 1)): plain_value(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v, depth + 1) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value):,} bytes>"
+    return repr(value)
 
 
 def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
@@ -65,7 +108,8 @@ class TensorInfo:
     nbytes: int
     role: str = "param"
     """``param``, ``frozen`` (a parameter that does not train), ``buffer``, ``optimizer`` (optimizer state or
-    master copies), ``other`` (training state outside the model)."""
+    master copies), ``scheduler``, ``rng`` (random number generator state), ``other`` (training state outside
+    the model). Only ``param`` and ``frozen`` count as parameters."""
     alias_of: str | None = None
     """Set when this name is the same tensor as an earlier one (tied weights): not counted twice."""
     file: str | None = None
@@ -99,6 +143,9 @@ class Defect:
 
     file: str
     message: str
+    truncated: bool = False
+    """True when the defect proves the file was cut short (a size or trailer check), not merely damaged: only
+    then may a catalog call the checkpoint incomplete."""
 
     def __str__(self) -> str:
         return f"{self.file}: {self.message}" if self.file else self.message
@@ -134,6 +181,11 @@ class Inspection:
     verified: bool = False
     """True when every structural check ran (``--verify``), not only the cheap ones."""
 
+    def __post_init__(self) -> None:
+        # Values come from pickles and JSON headers of untrusted files: make them safe to render once, here.
+        object.__setattr__(self, "metadata", plain_value(self.metadata))
+        object.__setattr__(self, "facts", plain_value(self.facts))
+
     @property
     def complete(self) -> bool:
         return not self.defects
@@ -143,15 +195,17 @@ class Inspection:
         return sum(t.numel for t in self.tensors if t.counts_as_parameter)
 
     def totals(self) -> dict[str, Any]:
-        """Parameter count and tensor bytes, overall and by dtype (aliases are counted once)."""
+        """Parameter count and tensor bytes, overall, by dtype and by role (aliases are counted once)."""
         by_dtype: dict[str, dict[str, int]] = {}
+        by_role: dict[str, dict[str, int]] = {}
         for tensor in self.tensors:
             if tensor.alias_of is not None:
                 continue
-            entry = by_dtype.setdefault(tensor.dtype, {"tensors": 0, "elements": 0, "bytes": 0})
-            entry["tensors"] += 1
-            entry["elements"] += tensor.numel
-            entry["bytes"] += tensor.nbytes
+            for table, key in ((by_dtype, tensor.dtype), (by_role, tensor.role)):
+                entry = table.setdefault(key, {"tensors": 0, "elements": 0, "bytes": 0})
+                entry["tensors"] += 1
+                entry["elements"] += tensor.numel
+                entry["bytes"] += tensor.nbytes
         return {
             "tensors": len(self.tensors),
             "parameters": self.parameters,
@@ -161,6 +215,7 @@ class Inspection:
             "tensor_bytes": sum(e["bytes"] for e in by_dtype.values()),
             "file_bytes": sum(f.size for f in self.files),
             "by_dtype": dict(sorted(by_dtype.items())),
+            "by_role": dict(sorted(by_role.items())),
         }
 
     def to_dict(self, *, tensor_filter: Any = None) -> dict[str, Any]:

@@ -12,8 +12,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptctl.errors import IntegrityError
-from ckptctl.formats.model import Defect, TensorInfo, nbytes_of
+from ckptctl.errors import IntegrityError, TruncatedError
+from ckptctl.formats.model import MAX_DIMENSION, Defect, TensorInfo, checked_shape, nbytes_of, plain_value
 from ckptctl.formats.source import PROBE_BYTES, FileSource
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
@@ -57,6 +57,10 @@ def _bad(source: FileSource, message: str) -> IntegrityError:
     return IntegrityError(f"{source.name}: {message}", url=source.location.url_of(source.rel))
 
 
+def _truncated(source: FileSource, message: str) -> TruncatedError:
+    return TruncatedError(f"{source.name}: {message}", url=source.location.url_of(source.rel))
+
+
 def read_safetensors_header(source: FileSource) -> SafetensorsHeader:
     """Parse and validate a safetensors header without touching tensor data.
 
@@ -65,7 +69,9 @@ def read_safetensors_header(source: FileSource) -> SafetensorsHeader:
     are returned in ``defects`` so the tensors can still be shown.
     """
     if source.size < 8:
-        raise _bad(source, f"{source.size} bytes: too short for a safetensors file (empty or truncated)")
+        raise _truncated(
+            source, f"{source.size} bytes: too short for a safetensors file (empty or truncated)"
+        )
     head = source.head(PROBE_BYTES)
     (length,) = struct.unpack("<Q", head[:8])
     if length > MAX_HEADER_BYTES:
@@ -73,7 +79,7 @@ def read_safetensors_header(source: FileSource) -> SafetensorsHeader:
             source, f"header length {length} is over the {MAX_HEADER_BYTES}-byte limit: not safetensors"
         )
     if 8 + length > source.size:
-        raise _bad(
+        raise _truncated(
             source,
             f"header length {length} runs past the end of the {source.size}-byte file "
             "(truncated inside the header, or not a safetensors file)",
@@ -83,6 +89,8 @@ def read_safetensors_header(source: FileSource) -> SafetensorsHeader:
         header = json.loads(raw)
     except ValueError as exc:
         raise _bad(source, f"header is not valid JSON ({exc}): not a safetensors file") from None
+    except RecursionError:
+        raise _bad(source, "header JSON is nested too deeply: not a safetensors file") from None
     if not isinstance(header, dict):
         raise _bad(source, "header is not a JSON object: not a safetensors file")
     return _validate(source, length, header)
@@ -92,8 +100,8 @@ def _validate(source: FileSource, length: int, header: dict[str, Any]) -> Safete
     defects: list[Defect] = []
     file = source.rel or source.location.url
 
-    def defect(message: str) -> None:
-        defects.append(Defect(file, message))
+    def defect(message: str, truncated: bool = False) -> None:
+        defects.append(Defect(file, message, truncated))
 
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
@@ -103,21 +111,22 @@ def _validate(source: FileSource, length: int, header: dict[str, Any]) -> Safete
     tensors: list[TensorInfo] = []
     for name, entry in header.items():
         if not isinstance(entry, dict):
-            raise _bad(source, f"tensor {name!r}: entry is not an object")
+            raise _bad(source, f"tensor {name[:200]!r}: entry is not an object")
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
         if dtype is None:
-            raise _bad(source, f"tensor {name!r}: unknown dtype {code!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise _bad(source, f"tensor {name!r}: invalid shape {shape!r}")
+            raise _bad(source, f"tensor {name[:200]!r}: unknown dtype {plain_value(code)!s:.40}")
+        try:
+            dims = checked_shape(shape, f"tensor {name[:200]!r}")
+        except IntegrityError as exc:
+            raise _bad(source, exc.message) from None
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
-            and all(isinstance(o, int) and o >= 0 for o in offsets)
+            and all(type(o) is int and 0 <= o < MAX_DIMENSION for o in offsets)
             and offsets[0] <= offsets[1]
         ):
-            raise _bad(source, f"tensor {name!r}: invalid data_offsets {offsets!r}")
-        dims = tuple(shape)
+            raise _bad(source, f"tensor {name[:200]!r}: invalid data_offsets {plain_value(offsets)!s:.80}")
         expected = nbytes_of(dtype, dims)
         if offsets[1] - offsets[0] != expected:
             defect(
@@ -134,7 +143,10 @@ def _validate(source: FileSource, length: int, header: dict[str, Any]) -> Safete
         position = max(position, end)
     expected_size = 8 + length + position
     if expected_size > source.size:
-        defect(f"data cut short: header needs {expected_size} bytes, file has {source.size} (truncated)")
+        defect(
+            f"data cut short: header needs {expected_size} bytes, file has {source.size} (truncated)",
+            truncated=True,
+        )
     elif expected_size < source.size:
         defect(f"{source.size - expected_size} bytes after the last tensor (header needs {expected_size})")
     base = 8 + length

@@ -7,12 +7,15 @@ they need in it, and a second read happens only when a header is larger than the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ckptctl.storage.location import Location
 
 PROBE_BYTES = 64 * 1024
+# Ranges closer than this are fetched by one request (prefetch): a GET costs more than this many extra bytes.
+MERGE_GAP = 64 * 1024
 
 
 class FileSource:
@@ -43,6 +46,29 @@ class FileSource:
         self.bytes_fetched += len(data)
         self._chunks.append((start, data))
         return data
+
+    def cached(self, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) if an earlier read fetched them all, else None (never a request)."""
+        start, end = max(0, start), min(end, self.size)
+        for offset, data in self._chunks:
+            if offset <= start and end <= offset + len(data):
+                return data[start - offset : end - offset]
+        return b"" if end <= start else None
+
+    def prefetch(self, ranges: Iterable[tuple[int, int]], gap: int = MERGE_GAP) -> None:
+        """Fetch many small ranges with few requests: those not cached yet are merged when less than ``gap``
+        bytes apart, and each merged span is one request; later ``read`` calls of them are served from cache."""
+        wanted = sorted(
+            (max(0, s), min(e, self.size)) for s, e in ranges if self.cached(s, e) is None and e > s
+        )
+        spans: list[list[int]] = []
+        for start, end in wanted:
+            if spans and start - spans[-1][1] <= gap:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end])
+        for start, end in spans:
+            self.read(start, end)
 
     def head(self, length: int = PROBE_BYTES) -> bytes:
         return self.read(0, length)

@@ -21,6 +21,9 @@ import pytest
 
 from tests.cli.test_without_torch import run_without_torch
 from tests.conftest import SHARED_FIXTURES, Backend, run_cli
+from tests.formats.torch_files import torch_files
+
+__all__ = ["torch_files"]
 
 ZERO = SHARED_FIXTURES / "zero" / "z2-bf16-tied-frozen" / "checkpoint"
 DCP = SHARED_FIXTURES / "dcp" / "torchtitan-fsdp2" / "checkpoint" / "step-3"
@@ -288,7 +291,9 @@ def _comparable(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("url",)}
 
 
-def test_inspect_reads_the_same_from_every_backend(backend: Backend, tmp_path: Path) -> None:
+def test_inspect_reads_the_same_from_every_backend(
+    backend: Backend, tmp_path: Path, torch_files: Path
+) -> None:
     """In-process (memory:// lives in one process); the CLI over S3/GCS is exercised below."""
     from ckptctl.inspect import inspect_checkpoint
 
@@ -298,8 +303,20 @@ def test_inspect_reads_the_same_from_every_backend(backend: Backend, tmp_path: P
     copy_fixture(ADAPTER, local / "adapter")
     shutil.copy(TORCH, local / "model.pt")
     shutil.copy(SAFETENSORS, local / "model.safetensors")
+    shutil.copy(torch_files / "tutorial-legacy.pt", local / "legacy.pt")
+    shutil.copy(torch_files / "rng_state.pth", local / "rng_state.pth")
+    shutil.copy(torch_files / "epoch=2-step=30.ckpt", local / "epoch=2-step=30.ckpt")
     url = backend.put_tree(local, "run")
-    for target in ("ds", "dcp", "adapter", "model.pt", "model.safetensors"):
+    for target in (
+        "ds",
+        "dcp",
+        "adapter",
+        "model.pt",
+        "model.safetensors",
+        "legacy.pt",
+        "rng_state.pth",
+        "epoch=2-step=30.ckpt",
+    ):
         remote = inspect_checkpoint(f"{url}/{target}", storage_options=dict(backend.options), verify=True)
         expected = inspect_checkpoint(str(local / target), verify=True)
         assert remote.complete and remote.tensors == expected.tensors, target
@@ -339,3 +356,62 @@ def test_latest_skips_a_half_written_newer_save(tmp_path: Path) -> None:
     run = write_example_run(tmp_path / "run")
     code, payload = inspect_json(str(run), "--latest")
     assert code == 0 and payload["data"]["url"].endswith("checkpoint-500")
+
+
+# -- trainers' own files -----------------------------------------------------------------------------------------
+
+
+def hf_checkpoint(torch_files: Path, folder: Path) -> Path:
+    """An HF Trainer ``checkpoint-N/`` of torch-made files (notes/retention-and-layouts.md §7.1)."""
+    folder.mkdir(parents=True)
+    shutil.copy(SAFETENSORS, folder / "model.safetensors")
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    for source, name in (
+        ("optimizer.pt", "optimizer.pt"),
+        ("scheduler.pt", "scheduler.pt"),
+        ("rng_state.pth", "rng_state_0.pth"),
+        ("rng_state-legacy.pth", "rng_state_1.pth"),
+        ("training_args.bin", "training_args.bin"),
+    ):
+        shutil.copy(torch_files / source, folder / name)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 40, "log_history": []}))
+    return folder
+
+
+def test_verify_checks_every_file_of_a_unit_folder(torch_files: Path, tmp_path: Path) -> None:
+    unit = hf_checkpoint(torch_files, tmp_path / "run" / "checkpoint-40")
+    code, payload = inspect_json(str(unit), "--verify")
+    assert code == 0, payload
+    assert payload["data"]["facts"]["verified_files"] == {
+        "checked": {
+            "config.json": "json",
+            "optimizer.pt": "torch zip",
+            "rng_state_0.pth": "torch zip",
+            "rng_state_1.pth": "torch legacy",
+            "scheduler.pt": "torch zip",
+            "trainer_state.json": "json",
+            "training_args.bin": "torch zip",
+        },
+        "not_checkable": [],
+    }
+    assert run_cli("inspect", str(unit)).returncode == 0
+    optimizer = (unit / "optimizer.pt").read_bytes()
+    (unit / "optimizer.pt").write_bytes(optimizer[: len(optimizer) // 2])
+    rng = (unit / "rng_state_1.pth").read_bytes()
+    (unit / "rng_state_1.pth").write_bytes(rng[:-10])
+    (unit / "trainer_state.json").write_bytes(b"")
+    result = run_cli("inspect", str(unit), "--verify", "--json")
+    assert_one_line_error(
+        result, 8, "checkpoint-40: optimizer.pt: no zip end-of-central-directory record", "2 more"
+    )
+    defects = json.loads(result.stdout)["data"]["defects"]
+    assert [d["file"] for d in defects] == ["optimizer.pt", "rng_state_1.pth", "trainer_state.json"]
+    assert "data cut short" in defects[1]["message"] and defects[2]["message"] == "empty file"
+
+
+def test_optimizer_file_is_not_parameters(torch_files: Path) -> None:
+    result = run_cli("inspect", str(torch_files / "optimizer.pt"))
+    assert result.returncode == 0, result.stderr
+    assert "parameters  0\n" in result.stdout
+    assert "optimizer   18 tensors, 494 elements, 1.93 KiB (not counted as parameters)" in result.stdout
+    assert "content     optimizer" in result.stdout and "exp_avg, exp_avg_sq, step" in result.stdout

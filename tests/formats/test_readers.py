@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from ckptctl.errors import BackendNotInstalledError, IntegrityError
+from ckptctl.errors import IntegrityError
 from ckptctl.formats.quick_check import quick_check_file
 from ckptctl.inspect import inspect_checkpoint
 from ckptctl.storage.location import Location
@@ -125,21 +125,17 @@ torch.save({"w": torch.zeros(2, 3), "n": torch.ones(4, dtype=torch.int64)}, sys.
 """
 
 
-def test_legacy_torch_format(tmp_path: Path) -> None:
+def test_legacy_torch_format_is_read_without_torch(tmp_path: Path) -> None:
     path = tmp_path / "old.pt"
     subprocess.run([sys.executable, "-c", LEGACY, str(path)], check=True)
-    _, loaded, code = run_without_torch("inspect", str(path))
-    assert code == str(int(BackendNotInstalledError.exit_code)) and not loaded
-    with_torch = subprocess.run(
-        [sys.executable, "-m", "ckptctl", "inspect", str(path), "--json"], capture_output=True, text=True
-    )
-    assert with_torch.returncode == 0, with_torch.stderr
-    data = json.loads(with_torch.stdout)["data"]
+    body, loaded, code = run_without_torch("inspect", str(path), "--json", "--verify")
+    assert code in ("0", "None") and not loaded
+    data = json.loads(body)["data"]
     assert [(t["name"], t["dtype"], t["shape"]) for t in data["tensors"]] == [
         ("w", "float32", [2, 3]),
         ("n", "int64", [4]),
     ]
-    assert "weights_only=True" in data["notes"][0]
+    assert data["complete"] and data["verified"] and data["facts"]["torch"]["serialization"] == "legacy"
 
 
 def test_catalog_quick_check_uses_the_readers(tmp_path: Path) -> None:
@@ -194,10 +190,10 @@ CYCLE = _cycle()
 @pytest.mark.parametrize(
     ("pickled", "message"),
     [
-        (BAD_SHAPE, "invalid shape, stride or offset"),
+        (BAD_SHAPE, "invalid shape"),
         (CYCLE, "cycle"),
         (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(K\x01tR.", "not a valid pickle"),
-        (b"\x80\x02}q\x00(X\x01", "not a valid pickle"),
+        (b"\x80\x02}q\x00(X\x01", "ends before its STOP opcode"),
     ],
 )
 def test_crafted_pickles_are_integrity_errors(tmp_path: Path, pickled: bytes, message: str) -> None:

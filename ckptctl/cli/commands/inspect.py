@@ -9,6 +9,8 @@ import typer
 from ckptctl.cli._options import JsonOpt, QuietOpt, StorageOpt
 
 _SHOWN_BY_DEFAULT = 20
+# Tensor roles that are not model weights, as the summary names them.
+_NOT_PARAMETERS = {"optimizer": "optimizer", "scheduler": "scheduler", "rng": "rng state", "other": "other"}
 
 
 def inspect_checkpoint(
@@ -43,7 +45,7 @@ def inspect_checkpoint(
         bool,
         typer.Option(
             "--verify",
-            help="Run every structural check (every rank file, every zip member, every shard); exit 8 on a defect.",
+            help="Run every structural check (every file of the folder, every rank file, zip member, shard); exit 8 on a defect.",
         ),
     ] = False,
     json_out: JsonOpt = False,
@@ -53,10 +55,11 @@ def inspect_checkpoint(
     """Show what a checkpoint holds: format, parameter totals, bytes by dtype, tensors, metadata, ZeRO / DCP /
     PEFT facts and whether it is whole.
 
-    Reads headers only (safetensors header, torch zip directory and pickle, DeepSpeed model states, DCP
-    .metadata): tensor data is never loaded, torch is not needed, and no pickle code is ever run. Over S3/GCS a
-    file costs two or three small ranged reads. Exits 8 when a defect is found (a truncated file, a missing rank
-    file or shard), naming the file.
+    Reads headers only (safetensors header, torch zip directory and pickle, torch legacy pickles, DeepSpeed model
+    states, DCP .metadata): tensor data is never loaded, torch is not needed, and no pickle code is ever run.
+    Optimizer moments, scheduler and RNG state are shown as such, never counted as parameters. Over S3/GCS a file
+    costs two or three small ranged reads. Exits 8 when a defect is found (a truncated file, a missing rank file
+    or shard; with --verify on a folder, any of its files), naming the file.
 
     Examples:
 
@@ -145,6 +148,12 @@ def _render(out: Any, result: Any, matcher: Any, *, show_all: bool) -> None:
         + f"\n  tensors     {totals['tensors']:,}, {format_bytes(totals['tensor_bytes'])} of tensor data in "
         f"{len(result.files)} file(s), {format_bytes(totals['file_bytes'])} on disk"
     )
+    for role, entry in totals["by_role"].items():
+        if role in _NOT_PARAMETERS:
+            line(
+                f"  {_NOT_PARAMETERS[role]:<11} {entry['tensors']:,} tensors, {entry['elements']:,} elements, "
+                f"{format_bytes(entry['bytes'])} (not counted as parameters)"
+            )
     for dtype, entry in totals["by_dtype"].items():
         line(
             f"    {dtype:<12} {entry['tensors']:>6,} tensors {entry['elements']:>16,} elements  {format_bytes(entry['bytes'])}"
