@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from ckptctl.errors import ChecksumMismatchError, CkptctlError
+from ckptctl.storage.atomic import create_new_file
 from ckptctl.storage.location import FileEntry, Location
 
 MiB = 2**20
@@ -323,14 +324,15 @@ def download(
     on_bytes: ByteCallback = _ignore,
     parts_pool: Executor | None = None,
 ) -> str:
-    """Write an object to ``local_path`` (a fresh file), hashing what is written; returns the digest.
+    """Write an object to ``local_path`` (a new file: created exclusively, never through a link, with the mode
+    ``open()`` gives), hashing what is written; returns the digest.
 
     With ``parts_pool``, an S3 object of several parts is fetched part by part on that pool.
     """
     if parts_pool is not None and is_s3(location) and part_size and size > part_size:
         return _download_s3_parts(location, rel, local_path, size, part_size, parts_pool, on_bytes)
     hasher = StreamHasher(part_size)
-    with open(local_path, "wb") as sink:
+    with create_new_file(local_path) as sink:
         for chunk in _remote_chunks(location, rel):
             hasher.update(chunk)
             sink.write(chunk)
@@ -350,7 +352,7 @@ def _download_s3_parts(
     on_bytes: ByteCallback,
 ) -> str:
     path = location.full_path(rel)
-    with open(local_path, "wb") as sink:
+    with create_new_file(local_path) as sink:
         sink.truncate(size)
         fd = sink.fileno()
 
