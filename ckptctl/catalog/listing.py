@@ -67,7 +67,7 @@ class ListOptions:
             return dict(unit.metrics)
         if self.metrics:
             return {k: v for k, v in unit.metrics.items() if k in self.metrics}
-        if unit.metric_source == "name":
+        if unit.metric_source in ("name", "ckpt"):
             return dict(unit.metrics)
         return {k: v for k, v in unit.metrics.items() if is_evaluation_metric(k)}
 

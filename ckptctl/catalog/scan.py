@@ -1,8 +1,10 @@
 """Turn one listing walk of a run into its checkpoint units, pointers, metrics and warnings.
 
 Costs on an object store: one recursive listing, one small GET per pointer file, one GET for the newest
-``trainer_state.json``, and one small ranged GET per single-file checkpoint (its structural check). Nothing is
-read per folder unit. A scan collects problems as warnings instead of stopping at the first one.
+``trainer_state.json``, and one small ranged GET per single-file checkpoint (its structural check); a
+Lightning ``.ckpt`` costs two or three more (its pickle and its score tensors: the step of ``last.ckpt`` and
+the monitored value of files whose names carry none). Nothing is read per folder unit. A scan collects
+problems as warnings instead of stopping at the first one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from ckptctl.catalog.layouts import (
 from ckptctl.catalog.metrics import TrainerStateError, metrics_from_name, parse_trainer_state
 from ckptctl.catalog.model import Layout, Pointer, RunScan, Status, Unit, UnitFile
 from ckptctl.errors import CkptctlError, NothingRecognisedError
+from ckptctl.formats.lightning import read_lightning_meta
 from ckptctl.formats.quick_check import quick_check_file
+from ckptctl.formats.source import FileSource
 from ckptctl.storage.location import POINTER_FILE_LIMIT, FileEntry, Location
 
 DEFAULT_SETTLE_SECONDS = 600.0
@@ -226,6 +230,8 @@ def _pointers(location: Location, tree: _Tree, drafts: list[_Draft], warnings: l
     by_path = {d.path: d for d in drafts}
 
     def owning_unit(path: str) -> str | None:
+        if path.startswith(("/", "../")) or path == "..":
+            return None  # a link out of the run (the walk gives inside targets relative to the run)
         while path:
             if path in unit_paths:
                 return path
@@ -324,6 +330,31 @@ def trainer_state_verdict(exc: TrainerStateError) -> Verdict:
     return Verdict(Status.UNKNOWN, f"trainer_state.json is not HF Trainer's ({exc})")
 
 
+def _lightning_meta(location: Location, drafts: list[_Draft], warnings: list[str]) -> None:
+    """What each whole Lightning file says about itself: the step of a regular-file ``last.ckpt`` (a copy of
+    the newest state) and the monitored value ``ModelCheckpoint`` recorded for the save (``current_score``),
+    which Lightning's top-k ranks by, for names that carry no metric."""
+    for draft in drafts:
+        match = draft.candidate.match
+        if draft.layout is not Layout.LIGHTNING or draft.candidate.kind != "file" or match is None:
+            continue
+        if draft.verdict.status is not Status.COMPLETE:
+            continue
+        entry = draft.candidate.files[0]
+        try:
+            meta = read_lightning_meta(FileSource(location, entry.path, entry.size))
+        except CkptctlError as exc:
+            warnings.append(f"{entry.path}: its Lightning state could not be read ({exc.message})")
+            continue
+        if match.last_copy:
+            # Its score is the last top-k candidate's, not this state's: a step, no metric.
+            draft.step = meta.global_step if draft.step is None else draft.step
+            continue
+        if meta.monitor and meta.current_score is not None and meta.monitor not in draft.metrics:
+            draft.metrics[meta.monitor] = meta.current_score
+            draft.metric_source = "ckpt"
+
+
 def _apply_journal(location: Location, tree: _Tree, drafts: list[_Draft], warnings: list[str]) -> None:
     """Units named by an unfinished prune's journal are half-deleted: never complete, never counted."""
     if JOURNAL_NAME not in tree.by_path:
@@ -391,6 +422,7 @@ def scan_run(
             if named:
                 draft.metrics.update(named)
                 draft.metric_source = "name"
+    _lightning_meta(location, drafts, warnings)
     names_by_target: dict[str, list[str]] = {}
     for pointer in pointers:
         names_by_target.setdefault(pointer.target, []).append(pointer.name)

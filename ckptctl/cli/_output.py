@@ -137,8 +137,10 @@ class Output:
         """Report an error in this sink's mode and return the exit code."""
         code = int(exc.exit_code)
         if self.json_mode:
+            # Exit 5 means some of the work was done: the README's "partial", not "error".
+            status = "partial" if exc.exit_code == ExitCode.PARTIAL else "error"
             self.result(
-                None, status="error", exit_code=code, errors=[{"code": exc.code, "message": exc.message}]
+                None, status=status, exit_code=code, errors=[{"code": exc.code, "message": exc.message}]
             )
         write_error_line(exc)
         return code

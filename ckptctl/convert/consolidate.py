@@ -8,6 +8,7 @@ header's ``__metadata__`` instead of being written twice, unless ``keep_tied``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import posixpath
@@ -22,10 +23,11 @@ import numpy as np
 from ckptctl.convert.safetensors_writer import PlannedTensor, SafetensorsStream
 from ckptctl.convert.tensor_sources import Range, TensorSource, contiguous
 from ckptctl.errors import IntegrityError, NotFoundError, RefusedError, UsageError
+from ckptctl.formats.deepspeed import partition_problems, world_sizes
 from ckptctl.formats.source import FileSource
 from ckptctl.formats.torch_zip import TensorRecord, TorchArchive, read_torch_archive
 from ckptctl.storage.atomic import atomic_local_file
-from ckptctl.storage.location import FileEntry, Location
+from ckptctl.storage.location import FileEntry, Location, refuse_overlap
 
 _OPTIM = re.compile(r"^(?P<bf16>bf16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
 _MODEL_Z3 = re.compile(r"^zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_model_states\.pt$")
@@ -132,7 +134,18 @@ def plan_consolidation(
         raise IntegrityError(f"{location.url_of(tag_rel)}: no ZeRO optimizer files (*_optim_states.pt)")
     model0 = _archive(location, prefix + models[0], sizes)
     state = model0.obj if isinstance(model0.obj, dict) else {}
-    world = int(state.get("dp_world_size") or 0) or len(optim)
+    dp, mp, implausible = world_sizes(state, 3 if any(_MODEL_Z3.match(n) for n in models) else 2, len(here))
+    if "dp_world_size" in state and implausible is not None:
+        # Counts from inside the file are bounded by the files there are, before any name is built from them.
+        raise IntegrityError(f"{location.url_of(prefix + models[0])}: {implausible}", url=location.url)
+    if mp > 1:
+        raise RefusedError(
+            f"{location.url_of(tag_rel)} is a tensor-parallel save (mp_world_size={mp}); consolidate merges ZeRO "
+            "data-parallel shards only, and merging mp rank 0 alone would write a fraction of the model",
+            url=location.url,
+            hint="merge the tensor-parallel ranks with the trainer's own tools first (Megatron/DeepSpeed)",
+        )
+    world = dp if "dp_world_size" in state else len(optim)
     ranks = sorted(int(_OPTIM.match(n).group("dp")) for n in optim)  # type: ignore[union-attr]
     bf16 = optim[0].startswith("bf16_")
     expected = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
@@ -152,6 +165,12 @@ def plan_consolidation(
     optims = [_archive(location, prefix + name, sizes) for name in expected]
     osd = [a.obj.get("optimizer_state_dict", {}) if isinstance(a.obj, dict) else {} for a in optims]
     stage3 = "fp32_flat_groups" in osd[0]
+    mismatched = partition_problems(
+        3 if stage3 else 2, world, list(state.get("param_shapes") or []), dict(zip(expected, osd, strict=True))
+    )
+    if mismatched:
+        # Another model's (or another save's) optimizer files: assembling would write wrong weights.
+        raise IntegrityError(f"{location.url_of(tag_rel)}: {mismatched[0]}", url=location.url)
     partition = osd[0].get("partition_count")
     count = max(partition) if isinstance(partition, list) else int(partition or world)
     if count != world:
@@ -402,13 +421,18 @@ def consolidate(
 
     Each output file appears under its name only when complete (temp + rename); with ``max_shard_bytes`` the HF
     layout is written, shards first and ``model.safetensors.index.json`` last. ``on_bytes(n)`` reports progress.
+    An OUT that is, contains or lies inside SRC is refused before anything is read or written; when writing
+    fails (a full disk), every file this call wrote is removed again.
     """
     import os
 
     started = time.perf_counter()
     if dtype not in OUTPUT_DTYPES:
         raise UsageError(f"--dtype takes {', '.join(OUTPUT_DTYPES)}; got {dtype!r}")
-    if "://" in out_path and not out_path.startswith("file://"):
+    remote_out = "://" in out_path and not out_path.startswith("file://")
+    out_location = Location.from_url(out_path, out_options if remote_out else None)
+    refuse_overlap(out_location, src, output_role="OUT", source_role="SRC")
+    if remote_out:
         return _consolidate_to_store(
             src,
             out_path,
@@ -433,6 +457,7 @@ def consolidate(
     if os.path.exists(final) and not force:
         raise RefusedError(f"{final} exists; pass --force to replace it")
     plan = plan_consolidation(src, tag=tag, exclude_frozen=exclude_frozen)
+    made_folder = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     target = OUTPUT_DTYPES[dtype]
     names = {t.name for t in plan.tensors}
@@ -459,21 +484,33 @@ def consolidate(
     )
     written = 0
     weight_map: dict[str, str] = {}
-    for path, group in zip(files, groups, strict=True):
-        with atomic_local_file(path) as handle:
-            stream = SafetensorsStream(handle, [planned[i] for i in group], metadata)
-            for index in group:
-                tensor, out = order[index], planned[index]
-                written += stream.write(out.name, _tensor_chunks(src, tensor, out.dtype))
-                weight_map[out.name] = os.path.basename(path)
-                if on_bytes is not None:
-                    on_bytes(out.nbytes)
-            stream.close()
-    if max_shard_bytes is not None:
-        index_data = {"metadata": {"total_size": written}, "weight_map": weight_map}
-        with atomic_local_file(final) as handle:
-            handle.write(json.dumps(index_data, indent=2).encode())
-    copied = _copy_configs(src, folder) if copy_configs else []
+    done: list[str] = []  # files this call put in place, removed again if a later one fails
+    try:
+        for path, group in zip(files, groups, strict=True):
+            with atomic_local_file(path) as handle:
+                stream = SafetensorsStream(handle, [planned[i] for i in group], metadata)
+                for index in group:
+                    tensor, out = order[index], planned[index]
+                    written += stream.write(out.name, _tensor_chunks(src, tensor, out.dtype))
+                    weight_map[out.name] = os.path.basename(path)
+                    if on_bytes is not None:
+                        on_bytes(out.nbytes)
+                stream.close()
+            done.append(path)
+        if max_shard_bytes is not None:
+            index_data = {"metadata": {"total_size": written}, "weight_map": weight_map}
+            with atomic_local_file(final) as handle:
+                handle.write(json.dumps(index_data, indent=2).encode())
+            done.append(final)
+        copied = _copy_configs(src, folder, done) if copy_configs else []
+    except BaseException:
+        for path in reversed(done):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if made_folder:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
     if copied:
         plan.warnings.append(f"copied {', '.join(copied)} beside the output")
     return ConsolidationResult(
@@ -523,9 +560,10 @@ def _tensor_chunks(src: Location, tensor: SourceTensor, target: str) -> Iterator
         yield cast(data, tensor.dtype, target)
 
 
-def _copy_configs(src: Location, folder: str) -> list[str]:
+def _copy_configs(src: Location, folder: str, done: list[str]) -> list[str]:
     """Model config and tokenizer files found beside SRC (HF Trainer and open-instruct save them there), copied
-    next to the output so it loads with ``from_pretrained``. Existing files are left alone."""
+    next to the output so it loads with ``from_pretrained``. Existing files (or links) are left alone; each file
+    written is appended to ``done``."""
     import os
 
     from ckptctl.storage.atomic import atomic_write_local
@@ -533,8 +571,9 @@ def _copy_configs(src: Location, folder: str) -> list[str]:
     copied = []
     for name in MODEL_CONFIG_FILES:
         target = os.path.join(folder, name)
-        if os.path.exists(target) or not src.exists(name):
+        if os.path.lexists(target) or not src.exists(name):
             continue
         atomic_write_local(target, src.read_bytes(name))
+        done.append(target)
         copied.append(name)
     return copied

@@ -80,6 +80,18 @@ def _check_order(units: Sequence[Unit]) -> None:
         (u for u in units if u.status is Status.COMPLETE and u.step is not None and u.newest_mtime),
         key=lambda u: u.step or 0,
     )
+    seen: dict[tuple[str, int], Unit] = {}
+    for unit in units:
+        # Lightning names a second file for the same step "-v1" when two fits write into one dirpath: the
+        # steps restart, so step order says nothing even when the clocks agree.
+        if unit.layout is Layout.LIGHTNING and unit.is_ranked and unit.step is not None:
+            other = seen.setdefault((unit.run, unit.step), unit)
+            if other is not unit:
+                raise RefusedError(
+                    f"{other.path} and {unit.path} are both step {unit.step}: two runs may share "
+                    f"{unit.run or 'the run'}",
+                    hint="prune the runs separately, or pass --ignore-time-order if this is one run",
+                )
     latest_seen: Unit | None = None
     for unit in dated:
         if (

@@ -16,6 +16,29 @@ from ckptctl.catalog.model import Status, Unit
 from ckptctl.errors import UsageError
 
 PIN_FILE = ".ckptctl-keep"
+RULES = ("keep_last", "keep_total", "keep_best", "metric", "keep_every_steps", "keep_within", "keep_steps")
+
+
+class PolicyError(UsageError):
+    """A policy that cannot be built, in the words of its rules; ``for_flags`` words it with a command's flags.
+
+    ``str()`` (and ``message``) use the rule names (``keep-last must be at least 1``)."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        super().__init__(template.format(**{rule: rule.replace("_", "-") for rule in RULES}))
+
+    def for_flags(self, flags: Mapping[str, str]) -> UsageError:
+        """The same error naming the flags the user typed; rules a command has no flag for keep their name."""
+        names = {rule: flags.get(rule, rule.replace("_", "-")) for rule in RULES}
+        return UsageError(self.template.format(**names), url=self.url, hint=self.hint)
+
+
+def _braces(text: str) -> str:
+    """User text inside a template: its braces escaped."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 Action = Literal["keep", "delete", "skip"]
 
 
@@ -48,30 +71,33 @@ class Policy:
         keep_without_metric: bool = True,
         keep_total: int | None = None,
     ) -> Policy:
-        """Validate a policy as the user spelled it; rule 1: no keep rule, no deletion."""
+        """Validate a policy as the user spelled it; rule 1: no keep rule, no deletion.
+
+        Raises PolicyError, whose message names the rules by ``{rule}`` placeholders: each command words them
+        with its own flags (``--keep-last`` for prune, ``--keep-local-last`` for tier push)."""
         if keep_total is not None:
             if keep_total < 1:
-                raise UsageError("--keep-total must be at least 1")
+                raise PolicyError("{keep_total} must be at least 1")
             clash = [
-                flag
-                for flag, value in (
-                    ("--keep-last", keep_last),
-                    ("--keep-every-steps", keep_every_steps),
-                    ("--keep-within", keep_within_seconds),
+                rule
+                for rule, value in (
+                    ("keep_last", keep_last),
+                    ("keep_every_steps", keep_every_steps),
+                    ("keep_within", keep_within_seconds),
                 )
                 if value is not None
             ]
             if clash:
-                raise UsageError(
-                    f"--keep-total is a total and {clash[0]} adds to it; use one or the other "
-                    "(--keep-total K --keep-best M keeps the best M and the newest, K in all)"
+                raise PolicyError(
+                    "{keep_total} is a total and {" + clash[0] + "} adds to it; use one or the other "
+                    "({keep_total} K {keep_best} M keeps the best M and the newest, K in all)"
                 )
         if keep_last is not None and keep_last < 1:
-            raise UsageError("--keep-last must be at least 1 (--keep-last 0 would delete every checkpoint)")
+            raise PolicyError("{keep_last} must be at least 1 ({keep_last} 0 would delete every checkpoint)")
         if keep_best is not None and keep_best < 1:
-            raise UsageError("--keep-best must be at least 1")
+            raise PolicyError("{keep_best} must be at least 1")
         if keep_every_steps is not None and keep_every_steps < 1:
-            raise UsageError("--keep-every-steps must be at least 1")
+            raise PolicyError("{keep_every_steps} must be at least 1")
         mode: Literal["min", "max"] | None = None
         name = metric
         if metric:
@@ -79,16 +105,17 @@ class Policy:
             if spelled in ("min", "max"):
                 mode = spelled  # type: ignore[assignment]
             elif spelled:
-                raise UsageError(f"--metric {metric}: the mode after ':' must be min or max")
+                raise PolicyError("{metric} " + _braces(metric) + ": the mode after ':' must be min or max")
             elif name.endswith("loss"):
                 mode = "min"
             else:
-                raise UsageError(
-                    f"--metric {name}: say whether higher or lower is better ({name}:max or {name}:min); "
+                shown = _braces(name)
+                raise PolicyError(
+                    f"{{metric}} {shown}: say whether higher or lower is better ({shown}:max or {shown}:min); "
                     "only names ending in 'loss' default to min"
                 )
         if keep_best is not None and not name:
-            raise UsageError("--keep-best needs --metric NAME[:min|max]")
+            raise PolicyError("{keep_best} needs {metric} NAME[:min|max]")
         policy = cls(
             keep_last=keep_last,
             keep_best=keep_best,
@@ -102,9 +129,9 @@ class Policy:
             keep_total=keep_total,
         )
         if not policy.has_rule:
-            raise UsageError(
-                "prune needs at least one keep rule (--keep-last, --keep-total, --keep-best, "
-                "--keep-every-steps, --keep-within, --keep-steps): with no rule nothing is deleted"
+            raise PolicyError(
+                "at least one keep rule is needed ({keep_last}, {keep_total}, {keep_best}, {keep_every_steps}, "
+                "{keep_within}, {keep_steps}): with no rule nothing is deleted"
             )
         return policy
 

@@ -44,6 +44,9 @@ EntryType = Literal["file", "directory", "link"]
 # trainer_state.json of a long run) fit; a device or a sparse multi-GB file does not fill memory.
 SMALL_FILE_LIMIT = 256 * 1024 * 1024
 POINTER_FILE_LIMIT = 4096
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+# Deeper than any trainer's layout; past it a hostile tree is not descended (and no descriptors run out).
+_MAX_WALK_DEPTH = 128
 
 # Class names of connection failures raised by botocore/aiohttp/requests; matched by name so that this module
 # does not import any backend.
@@ -67,6 +70,12 @@ _CREDENTIAL_ERROR_NAMES = {
     "DefaultCredentialsError",
     "RefreshError",
     "TransportError",
+}
+# botocore's errors for settings it checks only when the first request is made (-o region_name=5).
+_SETTINGS_ERROR_NAMES = {
+    "InvalidRegionError",
+    "InvalidEndpointConfigurationError",
+    "InvalidS3AddressingStyleError",
 }
 _DENIED_CODES = ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken")
 
@@ -98,6 +107,13 @@ class FileEntry:
         return posixpath.dirname(self.path)
 
 
+# fsspec backends' options that must be strings, and those that must be groups (s3fs, gcsfs, adlfs names).
+_STRING_OPTIONS = frozenset(
+    {"endpoint_url", "profile", "region_name", "project", "key", "secret", "token", "account_name"}
+)
+_MAPPING_OPTIONS = frozenset({"client_kwargs", "config_kwargs", "s3_additional_kwargs", "storage_options"})
+
+
 def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
     """Turn ``key=value`` pairs into fsspec storage options.
 
@@ -119,6 +135,13 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise UsageError(f"--storage-option {key}: {part} is set both as a value and as a group")
+        if leaf in _STRING_OPTIONS and not isinstance(value, str):
+            value = raw  # endpoint_url=5 is the string "5" (and then an error from the store, not a crash)
+        if leaf in _MAPPING_OPTIONS and not isinstance(value, dict):
+            raise UsageError(
+                f"--storage-option {key} takes a group of settings ({leaf}.NAME=VALUE or a JSON object), "
+                f"got {raw[:40]!r}"
+            )
         target[leaf] = value
     return options
 
@@ -169,6 +192,32 @@ def _is_connection_error(exc: BaseException) -> bool:
     )
 
 
+_GCS_ENDPOINT = "https://storage.googleapis.com"
+PROBE_SECONDS = 5.0
+
+
+def _probe_endpoint(endpoint: str, url: str) -> None:
+    """One TCP connection to the store's endpoint before any request: gcsfs retries a refused connection six
+    times with backoff (~36 s) before it reports anything, so an unreachable ``gs://`` endpoint is told in at
+    most PROBE_SECONDS instead. Costs one connection set-up per command."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+    if not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=PROBE_SECONDS):
+            pass
+    except OSError as exc:
+        raise StorageUnavailableError(
+            f"cannot reach the store for {url} at {parts.hostname}:{port} within {PROBE_SECONDS:.0f} s: "
+            f"{exc.strerror or exc}",
+            url=url,
+        ) from None
+
+
 class Location:
     """A folder (local or remote) addressed by a URL, with ckptctl's storage operations relative to it."""
 
@@ -195,9 +244,16 @@ class Location:
             raise BackendNotInstalledError(
                 f"{protocol}:// needs a backend that is not installed ({exc})", url=url, hint=hint
             ) from exc
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             raise UsageError(f"cannot open {url}: {exc}", url=url) from exc
-        return cls(fs, root, url)
+        location = cls(fs, root, url)
+        if location.protocol in ("gs", "gcs"):
+            _probe_endpoint(str(getattr(fs, "_endpoint", None) or _GCS_ENDPOINT), url)
+        if not location.is_local and location.protocol not in ("memory", "file") and not root.strip("/"):
+            raise UsageError(
+                f"{url} names no bucket; a run lives in one: {location.protocol}://BUCKET/PATH", url=url
+            )
+        return location
 
     @property
     def is_local(self) -> bool:
@@ -252,6 +308,14 @@ class Location:
                 raise NoSuchBucketError(f"no such bucket: {self._bucket_url()}", url=url) from exc
             if any(code in text for code in _DENIED_CODES):
                 raise PermissionDeniedError(f"permission denied: {url}", url=url) from exc
+            if _caused_by(exc, _SETTINGS_ERROR_NAMES) or (
+                isinstance(exc, ValueError) and text.startswith("Invalid endpoint")
+            ):
+                raise UsageError(
+                    f"the store's settings for {url} are not valid: {text}".splitlines()[0],
+                    url=url,
+                    hint="check the --storage-option values",
+                ) from exc
             raise
 
     def _bucket(self) -> str | None:
@@ -347,6 +411,9 @@ class Location:
             )
 
     def _walk_local(self) -> list[FileEntry]:
+        """Walk by directory descriptors (``scandir(fd)``, ``lstat`` and ``readlink`` relative to it): a path
+        longer than PATH_MAX inside a run is listed instead of failing the walk, a folder swapped for a link
+        mid-walk is never entered (``O_NOFOLLOW``), and only one descriptor per level is open at a time."""
         root = self.root or "/"
         with self.errors():
             top = os.stat(root)
@@ -355,28 +422,62 @@ class Location:
                     f"{self.url} is a file; expected a folder of checkpoints", url=self.url
                 )
             entries: list[FileEntry] = []
-            pending = [""]
-            while pending:
-                rel_dir = pending.pop()
-                with os.scandir(os.path.join(root, rel_dir) if rel_dir else root) as it:
-                    for item in it:
-                        rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
-                        entry = self._local_entry(item.path, rel)
-                        entries.append(entry)
-                        if entry.type == "directory":
-                            pending.append(rel)
+            root_fd = os.open(root, _DIR_FLAGS)
+            # Each level: its descriptor, its path relative to the root, and the sub-folders still to visit.
+            stack: list[tuple[int, str, list[str]]] = [(root_fd, "", self._scan_dir(root_fd, "", entries))]
+            try:
+                while stack:
+                    fd, rel_dir, todo = stack[-1]
+                    if not todo:
+                        os.close(fd)
+                        stack.pop()
+                        continue
+                    name = todo.pop()
+                    rel = f"{rel_dir}/{name}" if rel_dir else name
+                    if len(stack) >= _MAX_WALK_DEPTH:
+                        continue
+                    try:
+                        child = os.open(name, _DIR_FLAGS | getattr(os, "O_NOFOLLOW", 0), dir_fd=fd)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                            continue  # gone, or replaced by a link or a file since it was listed
+                        raise
+                    stack.append((child, rel, self._scan_dir(child, rel, entries)))
+            finally:
+                for fd, _, _ in stack:
+                    os.close(fd)
         entries.sort(key=lambda e: e.path)
         return entries
+
+    def _scan_dir(self, fd: int, rel_dir: str, entries: list[FileEntry]) -> list[str]:
+        """Append one folder's entries; return the names of its sub-folders."""
+        folders: list[str] = []
+        with os.scandir(fd) as it:
+            for item in it:
+                rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
+                st = item.stat(follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    raw = os.readlink(item.name, dir_fd=fd)
+                    entries.append(self._link_entry(rel, raw, st.st_mtime))
+                    continue
+                kind: EntryType = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+                entries.append(FileEntry(rel, kind, st.st_size if kind == "file" else 0, st.st_mtime))
+                if kind == "directory":
+                    folders.append(item.name)
+        return folders
+
+    def _link_entry(self, rel: str, raw: str, mtime: float) -> FileEntry:
+        """A link as a pointer: its target relative to the root when it stays inside, else as written."""
+        root = os.path.normpath(self.root or "/")
+        absolute = os.path.normpath(os.path.join(root, os.path.dirname(rel), raw))
+        inside = os.path.commonpath([absolute, root]) == root
+        target = os.path.relpath(absolute, root).replace(os.sep, "/") if inside else raw
+        return FileEntry(rel, "link", 0, mtime, link_target=target)
 
     def _local_entry(self, path: str, rel: str) -> FileEntry:
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
-            raw = os.readlink(path)
-            absolute = os.path.normpath(os.path.join(os.path.dirname(path), raw))
-            root = os.path.normpath(self.root or "/")
-            inside = os.path.commonpath([absolute, root]) == root
-            target = os.path.relpath(absolute, root).replace(os.sep, "/") if inside else raw
-            return FileEntry(rel, "link", 0, st.st_mtime, link_target=target)
+            return self._link_entry(rel, os.readlink(path), st.st_mtime)
         kind: EntryType = "directory" if stat.S_ISDIR(st.st_mode) else "file"
         return FileEntry(rel, kind, st.st_size if kind == "file" else 0, st.st_mtime)
 
@@ -590,7 +691,11 @@ class Location:
 
 Overlap = Literal["same", "inside", "contains"]
 _PROTOCOL_ALIASES = {"s3a": "s3", "gcs": "gs", "local": "file"}
-_OVERLAP_WORDS: dict[Overlap, str] = {"same": "is the same place as", "inside": "lies inside", "contains": "contains"}
+_OVERLAP_WORDS: dict[Overlap, str] = {
+    "same": "is the same place as",
+    "inside": "lies inside",
+    "contains": "contains",
+}
 
 
 def refuse_overlap(output: Location, source: Location, *, output_role: str, source_role: str) -> None:
@@ -603,7 +708,7 @@ def refuse_overlap(output: Location, source: Location, *, output_role: str, sour
         f"{output_role} {output.url} {_OVERLAP_WORDS[relation]} {source_role} {source.url}: "
         "ckptctl never writes where it reads",
         url=output.url,
-        hint=f"choose a {output_role} outside {source_role}",
+        hint=f"{output_role} must be neither {source_role}, nor inside it, nor around it",
     )
 
 

@@ -113,7 +113,10 @@ def test_a_malformed_trainer_state_is_a_defect_of_its_unit_and_the_scan_goes_on(
     text = state if isinstance(state, str) else json.dumps(state)
     (run / "checkpoint-30" / "trainer_state.json").write_text(text)
     age_tree(run)
-    for command in (["list", str(run), "--json"], ["prune", str(run), "--keep-last", "1", "--dry-run", "--json"]):
+    for command in (
+        ["list", str(run), "--json"],
+        ["prune", str(run), "--keep-last", "1", "--dry-run", "--json"],
+    ):
         result = run_cli(*command, timeout=30)
         assert result.returncode == 0, result.stderr
         assert "Traceback" not in result.stderr
@@ -140,7 +143,11 @@ def test_a_truncated_trainer_state_in_an_older_checkpoint_is_not_kept_in_place_o
     assert planned["checkpoint-20"]["action"] == "skip"
     assert planned["checkpoint-10"]["action"] == "keep"
     assert planned["checkpoint-30"]["action"] == "keep"
-    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [
+        "checkpoint-10",
+        "checkpoint-20",
+        "checkpoint-30",
+    ]
 
 
 def test_an_empty_trainer_state_is_incomplete_from_the_listing_alone(tmp_path: Path) -> None:

@@ -66,3 +66,39 @@ def _modules_after(*argv: str) -> set[str]:
 def test_help_and_completion_import_nothing_heavy() -> None:
     assert _modules_after("--help") == set()
     assert _modules_after("list", "--help") == set()
+
+
+def test_each_listed_summary_is_the_commands_own_first_paragraph() -> None:
+    """``ckptctl --help`` lists commands without importing them; the summaries must not drift from them."""
+    import importlib
+    import inspect
+
+    from ckptctl.cli.app import COMMANDS
+
+    for name, entry in COMMANDS.items():
+        target = getattr(importlib.import_module(entry.module), entry.attribute)
+        doc = target.info.help if entry.group else inspect.getdoc(target)
+        assert " ".join(doc.split("\n\n")[0].split()) == entry.summary, name
+
+
+def _command_modules_after(*argv: str, env: dict[str, str] | None = None) -> set[str]:
+    code = (
+        "import sys\n"
+        f"sys.argv = ['ckptctl', *{list(argv)!r}]\n"
+        "from ckptctl.cli.app import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('\\nLOADED', sorted(m for m in sys.modules if m.startswith('ckptctl.cli.commands.')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return set(eval(result.stdout.rsplit("LOADED", 1)[1]))
+
+
+def test_only_the_command_asked_for_is_imported() -> None:
+    import os
+
+    assert _command_modules_after("--help") == set()
+    assert _command_modules_after("list", "--help") == {"ckptctl.cli.commands.list_checkpoints"}
+    tab = dict(os.environ, _CKPTCTL_COMPLETE="complete_bash", COMP_WORDS="ckptctl li", COMP_CWORD="1")
+    assert _command_modules_after(env=tab) == set()
+    tab_options = dict(tab, COMP_WORDS="ckptctl prune --keep", COMP_CWORD="2")
+    assert _command_modules_after(env=tab_options) == {"ckptctl.cli.commands.prune"}

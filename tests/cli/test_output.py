@@ -54,3 +54,12 @@ def test_error_in_json_mode_is_an_error_envelope(capsys: pytest.CaptureFixture[s
 def test_progress_is_silent_without_a_terminal() -> None:
     with Output("tier").progress("push", 100) as bar:
         assert bar is None
+
+
+def test_exit_5_is_a_partial_envelope(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README promises "status": "partial" for exit 5 (some of the work done; a re-run resumes)."""
+    from ckptctl.errors import PartialFailureError
+
+    code = Output("tier", json_mode=True).error(PartialFailureError("2 of 5 files failed"))
+    payload = json.loads(capsys.readouterr().out)
+    assert code == 5 and payload["status"] == "partial" and payload["exit_code"] == 5

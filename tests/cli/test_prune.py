@@ -92,7 +92,7 @@ def test_json_lines_events(example: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        ([], 2, "prune needs at least one keep rule"),
+        ([], 2, "at least one keep rule is needed (--keep-last, --keep-total"),
         (["--keep-last", "0"], 2, "--keep-last must be at least 1"),
         (["--keep-best", "2", "--metric", "bleu"], 2, "say whether higher or lower is better"),
         (["--keep-best", "2", "--metric", "eval_bleu:max"], 7, "has a value for 'eval_bleu'"),

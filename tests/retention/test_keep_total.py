@@ -67,7 +67,7 @@ def test_protected_checkpoints_are_kept_even_beyond_the_total() -> None:
     "extra", [{"keep_last": 2}, {"keep_every_steps": 10}, {"keep_within_seconds": 60.0}], ids=str
 )
 def test_total_and_union_rules_do_not_mix(extra: dict) -> None:
-    with pytest.raises(UsageError, match="--keep-total"):
+    with pytest.raises(UsageError, match="keep-total is a total"):
         Policy.build(keep_total=3, **extra)
 
 

@@ -102,8 +102,8 @@ def test_pointers_pins_steps_every_and_within() -> None:
     ("kwargs", "message"),
     [
         ({}, "at least one keep rule"),
-        ({"keep_last": 0}, "--keep-last must be at least 1"),
-        ({"keep_best": 2}, "--keep-best needs --metric"),
+        ({"keep_last": 0}, "keep-last must be at least 1"),
+        ({"keep_best": 2}, "keep-best needs metric"),
         ({"keep_best": 2, "metric": "accuracy"}, "say whether higher or lower is better"),
         ({"keep_best": 2, "metric": "acc:up"}, "must be min or max"),
     ],

@@ -9,6 +9,17 @@ import typer
 
 from ckptctl.cli._options import DryRunOpt, JsonOpt, QuietOpt, RunArg, SettleOpt, StorageOpt, YesOpt
 
+# How prune spells each keep rule (the core names rules, the command names its flags).
+PRUNE_FLAGS = {
+    "keep_last": "--keep-last",
+    "keep_total": "--keep-total",
+    "keep_best": "--keep-best",
+    "metric": "--metric",
+    "keep_every_steps": "--keep-every-steps",
+    "keep_within": "--keep-within",
+    "keep_steps": "--keep-steps",
+}
+
 
 def prune(
     run: RunArg,
@@ -151,7 +162,7 @@ def prune(
     from ckptctl.errors import UsageError
     from ckptctl.humanize import parse_duration, parse_size, parse_steps
     from ckptctl.retention.plan import execute, plan_prune
-    from ckptctl.retention.policy import Policy
+    from ckptctl.retention.policy import Policy, PolicyError
     from ckptctl.storage.location import Location, parse_storage_options
     from ckptctl.storage.lock import run_lock
 
@@ -159,21 +170,24 @@ def prune(
     steps = parse_steps(keep_steps) if keep_steps else []
     if incomplete != (older_than is not None):
         raise UsageError("--incomplete and --older-than go together (e.g. --incomplete --older-than 1d)")
-    policy = (
-        Policy()
-        if incomplete
-        else Policy.build(
-            keep_last=keep_last,
-            keep_total=keep_total,
-            keep_best=keep_best,
-            metric=metric,
-            keep_every_steps=keep_every_steps,
-            keep_within_seconds=parse_duration(keep_within) if keep_within else None,
-            keep_steps=steps,
-            pinned_steps=pin or [],
-            keep_without_metric=keep_without_metric,
+    try:
+        policy = (
+            Policy()
+            if incomplete
+            else Policy.build(
+                keep_last=keep_last,
+                keep_total=keep_total,
+                keep_best=keep_best,
+                metric=metric,
+                keep_every_steps=keep_every_steps,
+                keep_within_seconds=parse_duration(keep_within) if keep_within else None,
+                keep_steps=steps,
+                pinned_steps=pin or [],
+                keep_without_metric=keep_without_metric,
+            )
         )
-    )
+    except PolicyError as exc:
+        raise exc.for_flags(PRUNE_FLAGS) from None
     options = parse_storage_options(storage_option or [])
     location = Location.from_url(run, options)
     settle_seconds = parse_duration(settle)
