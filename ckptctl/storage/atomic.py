@@ -8,8 +8,9 @@ a link (``O_NOFOLLOW``), so a link or a file someone else put at one of ckptctl'
 Modes are what ``open()`` and ``mkdir`` give under the user's umask (0666 and 0777 masked by it, and by a
 folder's default ACL): outputs on a shared cluster are as readable as any other file the user writes.
 
-Object stores: data objects first, the commit object (manifest or index) last, so a reader that trusts only
-committed units never trusts a partial one.
+Object stores have no rename: their writers (``tier push``, ``consolidate`` to a URL) put the data objects first
+and the commit object (manifest or index) last, so a reader that trusts only committed units never trusts a
+partial one.
 
 ``disk_error`` is the one table from a local write failure (full disk, quota, file-size limit, read-only file
 system, permission) to a ckptctl error; ``cli/app.py`` ``main`` applies it to whatever reaches it.
@@ -24,12 +25,9 @@ import secrets
 import shutil
 import stat
 from collections.abc import Iterable, Iterator
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from ckptctl.errors import CkptctlError, NoSpaceError, PermissionDeniedError, UnsafeTargetError
-
-if TYPE_CHECKING:
-    from ckptctl.storage.location import Location
 
 TEMP_PREFIX = ".ckptctl-tmp-"
 PARTIAL_SUFFIX = ".ckptctl-partial"
@@ -237,15 +235,3 @@ def commit_folder(temp: str, final: str, *, replace: bool = False) -> None:
     else:
         os.rename(temp, final)
     fsync_folder(parent)
-
-
-def write_then_commit(
-    location: Location, files: dict[str, bytes], commit_rel: str, commit_data: bytes
-) -> None:
-    """Write every data file, then the commit file last.
-
-    Readers that look for ``commit_rel`` before trusting the rest never see a partial set, on any backend.
-    """
-    for rel, data in files.items():
-        location.write_bytes(rel, data)
-    location.write_bytes(commit_rel, commit_data)

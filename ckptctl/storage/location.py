@@ -247,12 +247,12 @@ class Location:
         except (ValueError, TypeError, AttributeError) as exc:
             raise UsageError(f"cannot open {url}: {exc}", url=url) from exc
         location = cls(fs, root, url)
-        if location.protocol in ("gs", "gcs"):
-            _probe_endpoint(str(getattr(fs, "_endpoint", None) or _GCS_ENDPOINT), url)
         if not location.is_local and location.protocol not in ("memory", "file") and not root.strip("/"):
             raise UsageError(
                 f"{url} names no bucket; a run lives in one: {location.protocol}://BUCKET/PATH", url=url
             )
+        if location.protocol in ("gs", "gcs"):
+            _probe_endpoint(str(getattr(fs, "_endpoint", None) or _GCS_ENDPOINT), url)
         return location
 
     @property

@@ -176,20 +176,3 @@ def test_storage_options_parse_json_and_nesting() -> None:
     }
     with pytest.raises(UsageError):
         parse_storage_options(["novalue"])
-
-
-def test_write_then_commit_writes_the_commit_file_last(run: tuple[Location, dict[str, bytes]]) -> None:
-    from ckptctl.storage.atomic import write_then_commit
-
-    location, _ = run
-    seen: list[str] = []
-    original = location.write_bytes
-
-    def recording(rel: str, data: bytes) -> None:
-        seen.append(rel)
-        original(rel, data)
-
-    location.write_bytes = recording  # type: ignore[method-assign]
-    write_then_commit(location, {"unit/a.bin": b"a", "unit/b.bin": b"b"}, "unit/manifest.json", b"{}")
-    assert seen[-1] == "unit/manifest.json" and sorted(seen[:-1]) == ["unit/a.bin", "unit/b.bin"]
-    assert location.read_bytes("unit/b.bin") == b"b" and location.read_bytes("unit/manifest.json") == b"{}"
