@@ -23,9 +23,16 @@ from typing import Any
 
 from ckptctl.convert.safetensors_writer import PlannedTensor, SafetensorsStream
 from ckptctl.convert.tensor_sources import TensorSource, open_state_dict
-from ckptctl.errors import NotFoundError, RefusedError, UsageError
-from ckptctl.storage.atomic import atomic_local_file
-from ckptctl.storage.location import Location
+from ckptctl.errors import NotFoundError, PermissionDeniedError, RefusedError, UsageError
+from ckptctl.formats.peft import ADAPTER_CONFIG, check_adapter_config, read_adapter_config
+from ckptctl.storage.atomic import (
+    commit_folder,
+    disk_error,
+    durable_new_file,
+    partial_folder,
+    prepare_partial_folder,
+)
+from ckptctl.storage.location import Location, refuse_overlap
 
 PREFIX = "base_model.model."
 WRAPPERS = ("module.", "_orig_mod.")
@@ -104,8 +111,13 @@ def module_names(keys: Iterable[str]) -> set[str]:
 
 
 def find_adapter_config(location: Location, levels: int = 3) -> dict[str, Any] | None:
-    """An ``adapter_config.json`` in SRC (a folder), beside it, or up to ``levels`` folders above it."""
-    candidates = []
+    """The nearest LoRA ``adapter_config.json`` in SRC (a folder), beside it, or up to ``levels`` folders above.
+
+    It is input like the checkpoint: the listing says whether it is there, and it is read only as a regular file
+    of at most ``MAX_ADAPTER_CONFIG_BYTES`` (a FIFO or a link in its place never hangs the search or is followed)
+    and checked field by field. One that is there but unreadable in any of these ways is an IntegrityError naming
+    it, never skipped: the adapter would silently take other settings than its training's.
+    """
     root = location.root
     try:
         is_dir = location.stat().type == "directory"
@@ -117,19 +129,22 @@ def find_adapter_config(location: Location, levels: int = 3) -> dict[str, Any] |
     for _ in range(levels + 1):
         if folder.strip("/").count("/") < floor:
             break
-        candidates.append(posixpath.join(folder, "adapter_config.json"))
+        here = Location(
+            location.fs, folder, folder if location.is_local else f"{location.protocol}://{folder}"
+        )
+        try:
+            entry = here.stat(ADAPTER_CONFIG)
+        except (NotFoundError, PermissionDeniedError):
+            entry = None
+        if entry is not None and entry.type != "directory":
+            config = read_adapter_config(here)
+            if config.get("peft_type", "LORA") == "LORA":
+                check_adapter_config(config, here.url_of(ADAPTER_CONFIG))
+                return config
         parent = posixpath.dirname(folder)
         if parent == folder:
             break
         folder = parent
-    for path in candidates:
-        try:
-            if location.fs.exists(path):
-                data = json.loads(location.fs.cat_file(path))
-                if isinstance(data, dict) and data.get("peft_type", "LORA") == "LORA":
-                    return data
-        except Exception:  # a best-effort look around: an unreadable candidate is just not a config
-            continue
     return None
 
 
@@ -338,14 +353,20 @@ class WriteResult:
     config: dict[str, Any]
 
 
-def checked_out_dir(out_dir: str, *, force: bool) -> str:
-    """OUT_DIR as an absolute local path, checked before any work so a long extraction never fails at the end."""
+def checked_out_dir(out_dir: str, *, force: bool, inputs: dict[str, Location] | None = None) -> str:
+    """OUT_DIR as an absolute local path, checked before any work so a long extraction never fails at the end.
+
+    ``inputs`` (role -> location, e.g. ``{"SRC": src}``): an OUT_DIR that is, contains or lies inside one of them
+    is refused, so that ``--force`` never deletes, and the write never replaces, what is being read.
+    """
     if "://" in out_dir:
         raise UsageError(
             f"OUT_DIR must be a local folder, not {out_dir}; write the adapter locally, then copy it to the store"
         )
+    for role, source in (inputs or {}).items():
+        refuse_overlap(Location.from_url(out_dir), source, output_role="OUT_DIR", source_role=role)
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not force:
+    if os.path.lexists(out_dir) and not force:
         raise RefusedError(f"{out_dir} exists; pass --force to replace it")
     return out_dir
 
@@ -360,36 +381,34 @@ def write_adapter(
     dtype_of: Callable[[Any], str] | None = None,
     shape_of: Callable[[Any], tuple[int, ...]] | None = None,
 ) -> WriteResult:
-    """Write OUT_DIR atomically: a temporary folder beside it, filled, then renamed into place."""
+    """Write OUT_DIR atomically: a partial folder beside it (``storage.atomic``: never through a link), filled,
+    then renamed into place; on failure (a full disk included) it is removed and OUT_DIR is as it was."""
     started = time.perf_counter()
     out_dir = checked_out_dir(out_dir, force=force)
     get_chunks = chunks_of or (lambda t: t.chunks())
     get_dtype = dtype_of or (lambda t: t.dtype)
     get_shape = shape_of or (lambda t: t.shape)
     planned = safetensors_order(PlannedTensor(k, get_dtype(v), get_shape(v)) for k, v in tensors.items())
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    temp = os.path.join(parent, f".{os.path.basename(out_dir)}.ckptctl-partial")
-    shutil.rmtree(temp, ignore_errors=True)
-    os.makedirs(temp)
+    temp = partial_folder(out_dir)
     written = 0
+    prepared = False
     try:
-        with atomic_local_file(os.path.join(temp, "adapter_model.safetensors")) as handle:
+        prepare_partial_folder(temp, resume=False)
+        prepared = True
+        with durable_new_file(os.path.join(temp, "adapter_model.safetensors")) as handle:
             stream = SafetensorsStream(handle, planned, {"format": "pt"})
             for item in planned:
                 written += stream.write(item.name, get_chunks(tensors[item.name]))
             stream.close()
-        with atomic_local_file(os.path.join(temp, "adapter_config.json")) as handle:
+        with durable_new_file(os.path.join(temp, "adapter_config.json")) as handle:
             handle.write(json.dumps(config, indent=2, sort_keys=True).encode())
-        if os.path.exists(out_dir):
-            old = f"{temp}.old"
-            os.rename(out_dir, old)
-            os.rename(temp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(temp, out_dir)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+        commit_folder(temp, out_dir, replace=force)
+    except BaseException as exc:
+        if prepared:
+            shutil.rmtree(temp, ignore_errors=True)
+        mapped = disk_error(exc, out_dir) if isinstance(exc, OSError) else None
+        if mapped is not None:
+            raise mapped from exc
         raise
     return WriteResult(out_dir, len(planned), written, time.perf_counter() - started, config)
 
@@ -403,6 +422,6 @@ def extract_from_checkpoint(
     force: bool = False,
 ) -> WriteResult:
     """Mode 1: the exact adapter out of a checkpoint holding LoRA tensors."""
-    checked_out_dir(out_dir, force=force)
+    checked_out_dir(out_dir, force=force, inputs={"SRC": src})
     plan = plan_adapter(src, adapter_name=adapter_name, overrides=overrides)
     return write_adapter(plan.tensors, plan.config, out_dir, force=force)

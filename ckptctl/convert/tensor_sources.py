@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ckptctl.errors import IntegrityError, NotFoundError, UsageError
-from ckptctl.formats.model import DTYPE_BITS
+from ckptctl.errors import IntegrityError, NotFoundError, TruncatedError, UsageError
+from ckptctl.formats.model import DTYPE_BITS, Defect
 from ckptctl.formats.safetensors_header import read_safetensors_header
 from ckptctl.formats.source import FileSource
 from ckptctl.formats.torch_zip import TorchArchive, read_torch_archive
@@ -95,8 +95,24 @@ class TensorSource:
         return np.frombuffer(data, dtype=_NUMPY[self.dtype]).reshape(self.shape)
 
 
+def _refuse_defects(location: Location, rel: str, defects: list[Defect] | tuple[Defect, ...]) -> None:
+    """A file whose own structure proves it cut or damaged is refused whole, even when the tensors wanted lie
+    outside the damage: a conversion never turns a corrupt checkpoint into a clean-looking output."""
+    if not defects:
+        return
+    url = location.url_of(rel)
+    error = TruncatedError if any(d.truncated for d in defects) else IntegrityError
+    more = f" (and {len(defects) - 1} more)" if len(defects) > 1 else ""
+    raise error(
+        f"{url}: {defects[0].message}{more}",
+        url=url,
+        hint=f"ckptctl inspect --verify {url} lists every defect",
+    )
+
+
 def _safetensors(location: Location, rel: str, size: int) -> dict[str, TensorSource]:
     header = read_safetensors_header(FileSource(location, rel, size))
+    _refuse_defects(location, rel, header.defects)
     return {
         t.name: TensorSource(location, t.name, t.dtype, t.shape, (Range(rel, *header.spans[t.name]),))
         for t in header.tensors
@@ -113,6 +129,7 @@ def contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 
 def _torch(location: Location, rel: str, size: int) -> dict[str, TensorSource]:
     archive: TorchArchive = read_torch_archive(FileSource(location, rel, size))
+    _refuse_defects(location, rel, archive.check_members())
     found: dict[str, TensorSource] = {}
     for record in archive.tensors:
         if not contiguous(record.shape, record.stride):

@@ -84,7 +84,19 @@ def _positive_number(value: Any) -> bool:
 
 
 def _kind(value: Any) -> str:
-    return "null" if value is None else f"a {type(value).__name__}"
+    """What a JSON value is, for a message: "null", "a string", "an object"..."""
+    return _JSON_KINDS.get(type(value), f"a {type(value).__name__}")
+
+
+_JSON_KINDS = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
 
 
 def _shown(value: Any) -> str:

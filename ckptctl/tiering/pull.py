@@ -1,18 +1,24 @@
 """``tier pull``: bring tiered checkpoints back, verified against their manifests, never half-present.
 
 One checkpoint goes to a DEST of its own (``pull``); several go under a run folder, each at its path in the run
-(``pull_run``), so a run comes back with the layout it was pushed from. Files are downloaded into ``.<DEST name>.ckptctl-partial`` beside DEST, each hashed as it is written and compared
-with the manifest; only when all agree is the folder (or file) renamed to DEST. A killed pull leaves only the
-hidden partial folder, whose verified files the next pull keeps. A full disk or a refused write removes it.
+(``pull_run``), so a run comes back with the layout it was pushed from. Files are downloaded into
+``.<DEST name>.ckptctl-partial`` beside DEST, each hashed as it is written and compared with the manifest; only
+when all agree is the folder (or file) renamed to DEST. A killed pull leaves only the hidden partial folder, whose
+verified files the next pull keeps. A full disk or a refused write removes it.
+
+Nothing is written through a link (``storage.atomic``): a link, a file or another user's folder where the partial
+folder, one of its sub-folders or a download goes is refused. A DEST that is, contains or lies inside a local
+remote run is refused before anything is read or written. Files get the mode ``open()`` gives under the umask:
+manifests record no mode, so a pulled file does not get back the one it had when pushed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import posixpath
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,18 +28,30 @@ from ckptctl.errors import (
     ChecksumMismatchError,
     CkptctlError,
     IntegrityError,
-    NoSpaceError,
     NotFoundError,
-    PermissionDeniedError,
     RefusedError,
+    UnsafeTargetError,
     UsageError,
 )
-from ckptctl.storage.location import Location
+from ckptctl.storage.atomic import (
+    commit_folder,
+    disk_error,
+    fsync_folder,
+    make_folders_below,
+    partial_folder,
+    prepare_partial_folder,
+)
+from ckptctl.storage.location import Location, refuse_overlap
 from ckptctl.storage.transfer import digest_local_file, download
-from ckptctl.tiering.manifest import Manifest, ManifestFile, RemoteView, check_manifest, remote_view
+from ckptctl.tiering.manifest import (
+    BadManifest,
+    Manifest,
+    ManifestFile,
+    RemoteView,
+    check_manifest,
+    remote_view,
+)
 from ckptctl.tiering.pointers import PointerCopy, pull_pointers
-
-PARTIAL_SUFFIX = ".ckptctl-partial"
 
 
 @dataclass
@@ -54,6 +72,8 @@ class RunPullResult:
     failed: list[tuple[Manifest, CkptctlError]]  # corrupt or vanished remotely: nothing written for it
     seconds: float
     pointers: list[PointerCopy] = field(default_factory=list)  # pointer files written back (``latest``...)
+    corrupt: list[BadManifest] = field(default_factory=list)
+    """Checkpoints asked for whose manifest does not validate: failures too, nothing written for them."""
 
     @property
     def downloaded_bytes(self) -> int:
@@ -61,21 +81,31 @@ class RunPullResult:
 
 
 def pick_manifest(view: RemoteView, step: int | None, latest: bool) -> Manifest:
-    """The manifest for ``--step N`` or ``--latest`` (highest step that has one)."""
-    if not view.manifests:
-        where = view.location.url
-        raise NotFoundError(
-            f"no tiered checkpoints in {where} (no manifests under .ckptctl-tier/)",
-            url=where,
-            hint="tier push writes them; a copy without a manifest is not a verified checkpoint",
-        )
+    """The manifest for ``--step N`` or ``--latest`` (highest step that has one).
+
+    A manifest that does not validate may be the one asked for (it claims that step, or no step can be read
+    from it; for --latest, a higher one): then the checkpoint is corrupt (IntegrityError), not "not tiered".
+    """
     if latest:
         stepped = [m for m in view.manifests.values() if m.step is not None]
-        if not stepped:
+        best = max(stepped, key=lambda m: m.step or 0) if stepped else None
+        suspect = [
+            b
+            for b in view.bad_manifests.values()
+            if b.step is None or best is None or b.step > (best.step or 0)
+        ]
+        if suspect:
+            raise _corrupt(view, suspect, "the latest tiered checkpoint")
+        if best is None:
+            _refuse_nothing_tiered(view)
             raise NotFoundError(f"no tiered checkpoint of {view.location.url} has a step")
-        return max(stepped, key=lambda m: m.step or 0)
+        return best
     matches = [m for m in view.manifests.values() if m.step == step]
     if not matches:
+        suspect = [b for b in view.bad_manifests.values() if b.step in (step, None)]
+        if suspect:
+            raise _corrupt(view, suspect, f"step {step}")
+        _refuse_nothing_tiered(view)
         steps = sorted(m.step for m in view.manifests.values() if m.step is not None)
         raise NotFoundError(
             f"step {step} is not tiered in {view.location.url} (tiered steps: "
@@ -85,6 +115,28 @@ def pick_manifest(view: RemoteView, step: int | None, latest: bool) -> Manifest:
     if len(matches) > 1:
         raise UsageError(f"step {step} names several checkpoints: {', '.join(m.unit for m in matches)}")
     return matches[0]
+
+
+def _refuse_nothing_tiered(view: RemoteView) -> None:
+    if not view.manifests and not view.bad_manifests:
+        where = view.location.url
+        raise NotFoundError(
+            f"no tiered checkpoints in {where} (no manifests under .ckptctl-tier/)",
+            url=where,
+            hint="tier push writes them; a copy without a manifest is not a verified checkpoint",
+        )
+
+
+def _corrupt(view: RemoteView, suspect: list[BadManifest], wanted: str) -> IntegrityError:
+    """The error for a pull whose checkpoint may be one with a manifest that does not validate."""
+    first = suspect[0]
+    claims = "is" if first.step is not None else "may be"
+    more = f" (and {len(suspect) - 1} more corrupt manifest(s))" if len(suspect) > 1 else ""
+    return IntegrityError(
+        f"{wanted} {claims} {first.shown}, whose manifest is corrupt: {first.error.message}{more}",
+        url=view.location.url_of(first.rel),
+        hint="re-run tier push from a machine that still has the checkpoint to rewrite its manifest",
+    )
 
 
 def _local_target(manifest: Manifest, temp: str, rel: str) -> str:
@@ -105,6 +157,7 @@ def pull(
     on_manifest: Callable[[Manifest], None] | None = None,
 ) -> PullResult:
     """Download one tiered checkpoint to ``dest`` (a new folder, or a new file for a one-file checkpoint)."""
+    _refuse_dest_in_remote(remote, dest)
     view = _existing_view(remote)
     manifest = pick_manifest(view, step, latest)
     if on_manifest:
@@ -124,19 +177,29 @@ def pull_run(
     """Download the tiered checkpoints of ``steps`` (all when None) under ``dest_root``, each at its run path.
 
     A checkpoint whose path already exists under ``dest_root`` is left alone; one whose remote copy is corrupt is
-    reported in ``failed`` and the others still come. Unknown steps are refused before anything is written.
+    reported in ``failed`` (in ``corrupt`` when its manifest itself does not validate) and the others still come.
+    Unknown steps are refused before anything is written.
     Pointer files (``latest``) come back where what they name is now there and no local pointer is.
     """
+    _refuse_dest_in_remote(remote, dest_root)
     view = _existing_view(remote)
+    corrupt: list[BadManifest] = []
     if steps is None:
         chosen = list(view.manifests.values())
-        if not chosen:
-            pick_manifest(view, None, latest=True)  # raises: nothing tiered
+        corrupt = list(view.bad_manifests.values())
+        _refuse_nothing_tiered(view)
     else:
-        chosen = [pick_manifest(view, step, latest=False) for step in sorted(steps)]
+        chosen = []
+        for step in sorted(steps):
+            try:
+                chosen.append(pick_manifest(view, step, latest=False))
+            except IntegrityError:  # a corrupt manifest claims (or may claim) that step: reported, not fatal
+                corrupt += [
+                    b for b in view.bad_manifests.values() if b.step in (step, None) and b not in corrupt
+                ]
     chosen.sort(key=lambda m: (m.step is None, m.step or 0, m.unit))
     started = time.monotonic()
-    result = RunPullResult([], [], [], 0.0)
+    result = RunPullResult([], [], [], 0.0, corrupt=corrupt)
     for manifest in chosen:
         dest = os.path.join(os.path.abspath(dest_root), *manifest.unit.split("/"))
         if os.path.lexists(dest):
@@ -152,6 +215,11 @@ def pull_run(
     result.pointers = pull_pointers(view, dest_root, sound)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _refuse_dest_in_remote(remote: Location, dest: str) -> None:
+    """A DEST that is, contains or lies inside the remote run (both local) would be written into what is read."""
+    refuse_overlap(Location.from_url(dest), remote, output_role="DEST", source_role="the remote run")
 
 
 def _existing_view(remote: Location) -> RemoteView:
@@ -180,22 +248,17 @@ def _pull_unit(
     dest = os.path.abspath(dest)
     if os.path.lexists(dest):
         raise RefusedError(f"{dest} already exists; pull writes a new folder", hint="choose another DEST")
-    parent = os.path.dirname(dest)
-    temp = os.path.join(parent, f".{os.path.basename(dest)}{PARTIAL_SUFFIX}")
+    temp = partial_folder(dest)
     started = time.monotonic()
     progress = on_bytes or (lambda n: None)
     downloaded = reused = 0
     try:
-        os.makedirs(temp, exist_ok=True)
+        prepare_partial_folder(temp, resume=True)
 
         def fetch(item: ManifestFile) -> tuple[int, int]:
             target = _local_target(manifest, temp, item.path)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if (
-                os.path.isfile(target)
-                and os.path.getsize(target) == item.size
-                and digest_local_file(target, item.part_size) == item.digest
-            ):
+            make_folders_below(temp, os.path.relpath(os.path.dirname(target), temp).split(os.sep))
+            if _reusable(target, item):
                 progress(item.size)
                 return 0, item.size
             got = download(
@@ -217,7 +280,7 @@ def _pull_unit(
                     hint="the remote copy is corrupt; re-run tier push from a machine that still has it",
                 )
             if item.mtime is not None:
-                os.utime(target, (item.mtime, item.mtime))
+                os.utime(target, (item.mtime, item.mtime), follow_symlinks=False)
             return item.size, 0
 
         # Files on one pool, the parts of big S3 objects on another: a worker waiting for its parts never holds
@@ -231,13 +294,32 @@ def _pull_unit(
                 reused += kept
         _commit(manifest, temp, dest)
     except OSError as exc:
-        shutil.rmtree(temp, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise NoSpaceError(f"no space left while writing {dest}: {exc.strerror}", url=dest) from exc
-        if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise PermissionDeniedError(f"cannot write {dest}: {exc.strerror}", url=dest) from exc
+        shutil.rmtree(temp, ignore_errors=True)  # never follows a link, so never removes one's target
+        mapped = disk_error(exc, dest)
+        if mapped is not None:
+            raise mapped from exc
         raise
     return PullResult(manifest, dest, downloaded, reused, time.monotonic() - started)
+
+
+def _reusable(target: str, item: ManifestFile) -> bool:
+    """Whether an interrupted pull left ``target`` whole and verified; a stale regular file is removed (the
+    download creates it anew), anything else there (a link, a folder, a FIFO) is refused."""
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+        raise UnsafeTargetError(
+            f"{target} is {kind}; ckptctl never writes through it or removes it",
+            url=target,
+            hint="remove the partial folder yourself if it is not needed, then re-run",
+        )
+    if info.st_size == item.size and digest_local_file(target, item.part_size) == item.digest:
+        return True
+    os.unlink(target)
+    return False
 
 
 def _commit(manifest: Manifest, temp: str, dest: str) -> None:
@@ -246,10 +328,6 @@ def _commit(manifest: Manifest, temp: str, dest: str) -> None:
         only = os.path.join(temp, posixpath.basename(manifest.files[0].path))
         os.replace(only, dest)
         shutil.rmtree(temp, ignore_errors=True)
+        fsync_folder(os.path.dirname(dest))
     else:
-        os.rename(temp, dest)
-    fd = os.open(os.path.dirname(dest), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        commit_folder(temp, dest)

@@ -58,32 +58,45 @@ def tier_status(
             raise
         units = ()  # everything may have been freed, or the run is being restored elsewhere
     view = remote_view(remote)
+    bad_by_unit = {bad.unit: bad for bad in view.bad_manifests.values() if bad.unit is not None}
     rows: list[StatusRow] = []
     seen: set[str] = set()
     for unit in units:
         seen.add(unit.path)
         manifest = view.manifests.get(unit.path)
-        if manifest is None:
-            objects = view.objects_of(unit.path, unit.kind)
-            state = "partial" if objects else "-"
-            rows.append(
-                StatusRow(
-                    unit.path,
-                    unit.step,
-                    unit.status.value,
-                    unit.total_bytes,
-                    state,
-                    sum(e.size for e in objects),
-                    (f"{len(objects)} object(s) but no manifest",) if objects else (),
-                )
-            )
+        if manifest is not None:
+            rows.append(_checked(view, manifest, unit.status.value, unit.total_bytes, reread))
             continue
-        rows.append(_checked(view, manifest, unit.status.value, unit.total_bytes, reread))
+        objects = view.objects_of(unit.path, unit.kind)
+        remote_bytes = sum(e.size for e in objects)
+        bad = bad_by_unit.get(unit.path)
+        if bad is not None:
+            row = StatusRow(
+                unit.path,
+                unit.step,
+                unit.status.value,
+                unit.total_bytes,
+                "corrupt",
+                remote_bytes,
+                (bad.error.message,),
+            )
+        else:
+            row = StatusRow(
+                unit.path,
+                unit.step,
+                unit.status.value,
+                unit.total_bytes,
+                "partial" if objects else "-",
+                remote_bytes,
+                (f"{len(objects)} object(s) but no manifest",) if objects else (),
+            )
+        rows.append(row)
     for path, manifest in view.manifests.items():
         if path not in seen:
             rows.append(_checked(view, manifest, None, 0, reread))
-    for path, why in view.bad_manifests.items():
-        rows.append(StatusRow(path, None, None, 0, "corrupt", 0, (why,)))
+    for bad in view.bad_manifests.values():
+        if bad.unit is None or bad.unit not in seen:
+            rows.append(StatusRow(bad.shown, bad.step, None, 0, "corrupt", 0, (bad.error.message,)))
     rows.sort(key=lambda r: (r.step is None, r.step or 0, r.path))
     return rows
 

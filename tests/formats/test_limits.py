@@ -295,7 +295,7 @@ ADAPTER = SHARED_FIXTURES / "lora" / "lora_basic" / "adapter"
     [
         ({"rank_pattern": {"(": 4}}, "rank_pattern key '(' is not a valid regular expression"),
         ({"rank_pattern": [1, 2]}, "rank_pattern is a list, not an object"),
-        ({"target_modules": 5}, "target_modules is a int, not a list of names or a regex"),
+        ({"target_modules": 5}, "target_modules is an integer, not a list of names or a regex"),
     ],
 )
 def test_malformed_adapter_config_is_a_defect_of_that_file(

@@ -1045,8 +1045,7 @@ def _controls() -> list[Case]:
 
 CASES[:0] = _controls()
 
-XFAIL: dict[str, str] = {
-}
+XFAIL: dict[str, str] = {}
 """Case id -> "<defect class>: <one-line reproduction> (module)" for the cases that fail as the tree stands."""
 UNREACHABLE_XFAIL: str | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -77,8 +78,9 @@ def extract_lora(
     From a fine-tuned model and its base (--base/--tuned, needs torch): ΔW per module by randomized SVD, at
     --rank R or a per-module rank by --energy F; reports each module's relative error.
 
-    Exit codes: 0 done, 2 usage (missing alpha, ambiguous adapter, shapes differ, OUT_DIR a URL), 3 SRC missing
-    or holds no LoRA tensors, 4 OUT_DIR exists, 8 truncated or corrupt input.
+    Exit codes: 0 done, 1 disk full, 2 usage (missing alpha, ambiguous adapter, shapes differ, OUT_DIR a URL,
+    OUT_DIR is, contains or lies inside SRC), 3 SRC missing or holds no LoRA tensors, 4 OUT_DIR exists, 8
+    truncated or corrupt input.
 
     Examples:
 
@@ -94,6 +96,11 @@ def extract_lora(
     from ckptctl.storage.location import Location, parse_storage_options
 
     out = Output.start("extract-lora", json_mode=json_out, quiet=quiet)
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        # typer's float accepts "nan" and "inf"; PEFT would scale every update by them.
+        raise UsageError(
+            f"--alpha must be a positive finite number (the lora_alpha of training), got {alpha}"
+        )
     options = parse_storage_options(storage_option or [])
     svd = base is not None or tuned is not None
     if svd:
@@ -101,6 +108,7 @@ def extract_lora(
             raise UsageError("SVD mode needs both --base and --tuned")
         if len(paths) != 1:
             raise UsageError("with --base/--tuned give only OUT_DIR")
+        from ckptctl.convert.lora import checked_out_dir
         from ckptctl.convert.lora_svd import extract_by_svd
 
         def on_module(report: object) -> None:
@@ -111,9 +119,11 @@ def extract_lora(
                     )
                 )
 
+        base_location, tuned_location = Location.from_url(base, options), Location.from_url(tuned, options)
+        checked_out_dir(paths[0], force=force, inputs={"--base": base_location, "--tuned": tuned_location})
         result = extract_by_svd(
-            Location.from_url(base, options),
-            Location.from_url(tuned, options),
+            base_location,
+            tuned_location,
             paths[0],
             rank=rank,
             energy=energy,

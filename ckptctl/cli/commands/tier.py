@@ -110,8 +110,9 @@ def push(
     copy a fresh listing verifies, and never the newest complete one, one a pointer names, a pinned or an
     incomplete one (prune's rules and its crash-safe deletion).
 
-    Exit codes: 0 done, 1 store unreachable, 3 bucket or run missing, 5 some checkpoints failed (re-run), 6 the
-    run is locked by another ckptctl, 8 the store holds different bytes than were sent.
+    Exit codes: 0 done, 1 store unreachable, 2 the remote is, contains or lies inside RUN, 3 bucket or run
+    missing, 4 a link or foreign file where the run lock goes, 5 some checkpoints failed (re-run), 6 the run is
+    locked by another ckptctl, 8 the store holds different bytes than were sent.
 
     Examples:
 
@@ -122,11 +123,12 @@ def push(
     from ckptctl.cli._output import Output
     from ckptctl.errors import PartialFailureError, UsageError
     from ckptctl.humanize import format_bytes, parse_duration, parse_size
-    from ckptctl.retention.policy import Policy
+    from ckptctl.retention.policy import Policy, PolicyError
     from ckptctl.storage.location import Location, parse_storage_options
     from ckptctl.storage.lock import run_lock
     from ckptctl.storage.transfer import MIN_PART_SIZE
-    from ckptctl.tiering.push import PushOptions, default_jobs
+    from ckptctl.tiering.manifest import MAX_PART_SIZE
+    from ckptctl.tiering.push import PushOptions, check_target, default_jobs
     from ckptctl.tiering.push import push as run_push
 
     out = Output.start("tier push", json_mode=json_out, quiet=quiet)
@@ -135,12 +137,17 @@ def push(
     remote = Location.from_url(to, options)
     policy = None
     if keep_local_last is not None or keep_local_best is not None:
-        policy = Policy.build(keep_last=keep_local_last, keep_best=keep_local_best, metric=metric)
+        try:
+            policy = Policy.build(keep_last=keep_local_last, keep_best=keep_local_best, metric=metric)
+        except PolicyError as exc:
+            raise exc.for_flags(
+                {"keep_last": "--keep-local-last", "keep_best": "--keep-local-best", "metric": "--metric"}
+            ) from None
     elif metric or metric_file:
         raise UsageError("--metric and --metric-file go with --keep-local-best")
     parts = parse_size(part_size)
-    if parts < MIN_PART_SIZE:
-        raise UsageError(f"--part-size must be at least 5MiB (S3's minimum), got {part_size}")
+    if not MIN_PART_SIZE <= parts <= MAX_PART_SIZE:
+        raise UsageError(f"--part-size must be 5MiB to 5GiB (S3's limits), got {part_size}")
     if jobs is not None and jobs < 1:
         raise UsageError("--jobs must be at least 1")
     push_options = PushOptions(
@@ -183,6 +190,7 @@ def push(
         elif kind in ("failed", "skipped", "error"):
             out.warn(f"{kind} {unit.path}: {detail}")
 
+    check_target(local, remote)  # before the lock: a refused push leaves the run as it was
     lock = contextlib.nullcontext() if dry_run else run_lock(local)
     with lock, _bars(out, 0) as advance:
         result = run_push(local, remote, push_options, on_event=on_event, on_bytes=advance)
@@ -269,9 +277,11 @@ def pull(
 
     Each download goes to a hidden .NAME.ckptctl-partial folder beside its final name, which appears only once
     every file matches the manifest. A re-run after an interruption keeps the files already verified. A remote
-    copy that does not match its manifest is refused (exit 8) before or while downloading.
+    copy that does not match its manifest, or whose manifest does not validate, is refused (exit 8; with
+    --steps/--all it is reported and the others still come, exit 5) before or while downloading.
 
-    Exit codes: 0 done, 1 disk full or store unreachable, 3 not tiered / not found, 4 DEST exists, 5 some of
+    Exit codes: 0 done, 1 disk full or store unreachable, 2 DEST is, contains or lies inside a local remote run,
+    3 not tiered / not found, 4 DEST exists (or a link or foreign file where a partial file goes), 5 some of
     --steps/--all failed, 8 corrupt.
 
     Examples:
@@ -382,6 +392,10 @@ def _report_run_pull(out: Any, url: str, dest: str, many: Any) -> None:
     pulled = [_pulled_record(r) for r in many.pulled]
     present = [{"unit": m.unit, "step": m.step, "dest": d} for m, d in many.present]
     failed = [{"unit": m.unit, "step": m.step, "code": e.code, "message": e.message} for m, e in many.failed]
+    failed += [
+        {"unit": b.shown, "step": b.step, "code": b.error.code, "message": b.error.message}
+        for b in many.corrupt
+    ]
     data = {
         "remote": url,
         "dest": dest,
@@ -435,7 +449,8 @@ def status(
     """Show each checkpoint: local, remote or both, and whether the remote copy matches its manifest.
 
     REMOTE is one of: verified (sizes and the store's checksums match the manifest), size-only (the store keeps
-    no checksums; --verify re-reads), corrupt (exit 8), partial (objects without a manifest: an interrupted
+    no checksums; --verify re-reads), corrupt (exit 8: objects that do not match the manifest, or a manifest
+    that does not validate; a re-run of push rewrites it), partial (objects without a manifest: an interrupted
     push; a re-run of push finishes it), or - (not there).
 
     Examples:
@@ -443,6 +458,7 @@ def status(
       ckptctl tier status /nvme/run42 --remote s3://bucket/runs/run42
     """
     from rich.table import Table
+    from rich.text import Text
 
     from ckptctl.cli._output import Output, write_error_line
     from ckptctl.errors import IntegrityError
@@ -463,8 +479,9 @@ def status(
     if corrupt:
         first = corrupt[0]
         error = IntegrityError(
-            f"{len(corrupt)} remote cop{'y does' if len(corrupt) == 1 else 'ies do'} not match the manifest "
-            f"(first: {first.path}: {first.problems[0] if first.problems else 'corrupt'})",
+            f"{len(corrupt)} remote cop{'y is' if len(corrupt) == 1 else 'ies are'} corrupt: a manifest that does "
+            f"not validate, or objects that do not match it (first: {first.path or '.'}: "
+            f"{first.problems[0] if first.problems else 'corrupt'})",
             url=remote_url,
         )
     data = {"run": run, "remote": remote_url, "units": [r.to_dict() for r in rows]}
@@ -479,13 +496,14 @@ def status(
                 column, justify="right" if column in ("STEP", "SIZE") else "left", overflow="fold"
             )
         for row in rows:
+            # Paths and states are data from the run and the store: Text, so "x[/]" is shown, never parsed.
             table.add_row(
                 str(row.step) if row.step is not None else "-",
                 row.where,
-                row.local or "-",
-                row.remote,
+                Text(row.local or "-"),
+                Text(row.remote),
                 format_bytes(max(row.local_bytes, row.remote_bytes)),
-                row.path,
+                Text(row.path or "."),
             )
         out.print(table)
         for row in rows:
