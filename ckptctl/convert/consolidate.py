@@ -166,7 +166,10 @@ def plan_consolidation(
     osd = [a.obj.get("optimizer_state_dict", {}) if isinstance(a.obj, dict) else {} for a in optims]
     stage3 = "fp32_flat_groups" in osd[0]
     mismatched = partition_problems(
-        3 if stage3 else 2, world, list(state.get("param_shapes") or []), dict(zip(expected, osd, strict=True))
+        3 if stage3 else 2,
+        world,
+        list(state.get("param_shapes") or []),
+        dict(zip(expected, osd, strict=True)),
     )
     if mismatched:
         # Another model's (or another save's) optimizer files: assembling would write wrong weights.

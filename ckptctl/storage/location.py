@@ -231,6 +231,10 @@ class Location:
     def from_url(cls, url: str, storage_options: dict[str, Any] | None = None) -> Location:
         """Open a location; a missing backend (s3fs, gcsfs) is a one-line error naming the extra to install."""
         options = dict(storage_options or {})
+        scheme, sep, rest = url.partition("://")
+        if sep and scheme in _EXTRA_FOR_PROTOCOL and not rest.strip("/"):
+            # Before the backend is made: gcsfs would look for credentials (and a metadata server) first.
+            raise UsageError(f"{url} names no bucket; a run lives in one: {scheme}://BUCKET/PATH", url=url)
         try:
             fs, root = url_to_fs(url, **options)
         except ImportError as exc:

@@ -18,13 +18,13 @@ import posixpath
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ckptctl.catalog.model import Status, Unit
 from ckptctl.catalog.scan import scan_run
-from ckptctl.errors import ChecksumMismatchError, CkptctlError, UsageError
-from ckptctl.retention.plan import COMPLETION_MARKERS, PrunePlan, PruneResult, execute
-from ckptctl.retention.policy import Decision, Policy, decide
+from ckptctl.errors import ChecksumMismatchError, CkptctlError, RefusedError, UsageError
+from ckptctl.retention.plan import COMPLETION_MARKERS, PrunePlan, PruneResult, execute, plan_prune
+from ckptctl.retention.policy import Decision, Policy
 from ckptctl.storage.location import Location, refuse_overlap
 from ckptctl.storage.transfer import (
     DEFAULT_PART_SIZE,
@@ -37,11 +37,13 @@ from ckptctl.storage.transfer import (
     upload,
 )
 from ckptctl.tiering.manifest import (
+    MAX_MANIFEST_BYTES,
     Manifest,
     ManifestFile,
     RemoteView,
     check_manifest,
     manifest_rel,
+    plausible_timestamp,
     remote_view,
 )
 from ckptctl.tiering.pointers import PointerCopy, push_pointers
@@ -111,7 +113,7 @@ def select_units(units: Sequence[Unit], options: PushOptions, now: float) -> lis
 def same_files(unit: Unit, manifest: Manifest) -> bool:
     """Whether the local unit is still what the manifest describes: same files, sizes and modification times
     (a file rewritten since the upload, even at the same size, makes the remote copy a different checkpoint)."""
-    local = {(f.path, f.size, f.mtime) for f in unit.files}
+    local = {(f.path, f.size, plausible_timestamp(f.mtime)) for f in unit.files}
     return local == {(f.path, f.size, f.mtime) for f in manifest.files}
 
 
@@ -167,7 +169,7 @@ def push(
     for copy in result.pointers:
         emit("pointer", unit=scan.unit(copy.target), detail=copy.source)
     if options.free_policy is not None:
-        _free_local(local, remote, scan.units, options, result, emit)
+        _free_local(local, remote, options, result, emit)
     return result
 
 
@@ -228,12 +230,28 @@ def _push_unit(
         step=unit.step,
         layout=unit.layout.value,
         files=tuple(
-            ManifestFile(f.path, done[f.path].size, done[f.path].digest, done[f.path].part_size, f.mtime)
+            ManifestFile(
+                f.path,
+                done[f.path].size,
+                done[f.path].digest,
+                done[f.path].part_size,
+                plausible_timestamp(f.mtime),
+            )
             for f in unit.files
         ),
         source=local.url,
     )
-    remote.write_bytes(manifest_rel(unit.path), manifest.encode())
+    rel = manifest_rel(unit.path)
+    encoded = manifest.encode()
+    if len(encoded) > MAX_MANIFEST_BYTES:
+        raise RefusedError(
+            f"{unit.path}: its manifest would be {len(encoded):,} bytes, over the {MAX_MANIFEST_BYTES:,} a pull "
+            "reads; not tiered",
+            url=remote.url_of(rel),
+        )
+    # Never write a manifest that pull and status would refuse (a local name they cannot take, say).
+    Manifest.decode(encoded, name=remote.url_of(rel))
+    remote.write_bytes(rel, encoded)
     return sent, aborted
 
 
@@ -312,22 +330,21 @@ def _check_unchanged(local: Location, unit: Unit) -> None:
 def _free_local(
     local: Location,
     remote: Location,
-    units: Sequence[Unit],
     options: PushOptions,
     result: PushResult,
     emit: EventSink,
 ) -> None:
-    """Delete local copies the keep rules do not protect, but only those a fresh remote listing verifies."""
-    from ckptctl.retention.metrics import load_metric_file
+    """Delete local copies the keep rules do not protect, but only those a fresh remote listing verifies.
 
+    The plan is prune's own (``plan_prune``: one run, time order, metric checks, kept markers confirmed); tier
+    only turns a planned deletion into a keep where the remote copy is missing or not verified."""
     assert options.free_policy is not None
-    policy = options.free_policy
-    metrics = None
-    if policy.keep_best and policy.metric and options.metric_file is not None:
-        metrics = load_metric_file(options.metric_file, policy.metric, "step").by_step
+    plan = plan_prune(
+        local, options.free_policy, settle_seconds=options.settle_seconds, metric_file=options.metric_file
+    )
     view = remote_view(remote)
     decisions: list[Decision] = []
-    for decision in decide(units, policy, metrics):
+    for decision in plan.decisions:
         if decision.action != "delete":
             decisions.append(decision)
             continue
@@ -342,7 +359,8 @@ def _free_local(
             decisions.append(Decision(decision.unit, "keep", (f"remote copy not verified: {why}",)))
             continue
         decisions.append(Decision(decision.unit, "delete", (*decision.reasons, f"tiered ({check.state})")))
-    plan = PrunePlan(local.url, policy, tuple(decisions), (), (), time.time())
+    # An interrupted prune's journal is prune's to finish, not tier's.
+    plan = replace(plan, decisions=tuple(decisions), resume=())
     result.free_plan = plan
     if options.dry_run or not plan.to_delete:
         return

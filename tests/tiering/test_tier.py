@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ckptctl.catalog.scan import scan_run
-from ckptctl.errors import NotFoundError
+from ckptctl.errors import RefusedError
 from ckptctl.retention.policy import Policy
 from ckptctl.storage import Location
 from ckptctl.storage.transfer import MiB
@@ -236,11 +236,16 @@ def test_a_manifest_naming_paths_outside_the_run_is_not_trusted(tmp_path: Path) 
 
     assert not view.manifests
     assert set(view.bad_manifests) == {manifest_rel("checkpoint-100"), manifest_rel("checkpoint-200")}
-    assert all("outside" in why or "unsafe" in why for why in view.bad_manifests.values())
+    assert all(
+        "outside" in bad.error.message or "unsafe" in bad.error.message for bad in view.bad_manifests.values()
+    )
     dest = tmp_path / "deep" / "dest"
     dest.parent.mkdir()
-    with pytest.raises(NotFoundError):
-        pull_run(remote, str(dest), steps=None)
+    result = pull_run(remote, str(dest), steps=None)  # reported as failures (exit 5), never used
+    assert not result.pulled and sorted(b.unit for b in result.corrupt) == [
+        "checkpoint-100",
+        "checkpoint-200",
+    ]
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "deep" / "escaped-unit").exists()
 
 
@@ -317,11 +322,25 @@ def test_a_file_rewritten_after_upload_is_uploaded_again_before_its_local_copy_g
     push(local, remote, PushOptions(settle_seconds=0))
     rewritten = run / "checkpoint-100" / "optimizer.pt"
     new_bytes = random_payload(rewritten.stat().st_size)  # same size: only the time and the bytes tell
+    stamp = rewritten.stat().st_mtime - 60  # a new time, still older than checkpoint-200 (prune's time order)
     rewritten.write_bytes(new_bytes)
-    os.utime(rewritten, (time.time() - 1800, time.time() - 1800))
+    os.utime(rewritten, (stamp, stamp))
 
     result = push(local, remote, PushOptions(settle_seconds=0, free_policy=Policy.build(keep_last=1)))
 
     assert [o.unit.path for o in result.outcomes if o.action == "uploaded"] == ["checkpoint-100"]
     assert result.freed is not None and [u.path for u in result.freed.deleted] == ["checkpoint-100"]
     assert (tmp_path / "remote" / "checkpoint-100" / "optimizer.pt").read_bytes() == new_bytes
+
+
+def test_freeing_local_copies_follows_prunes_rules(tmp_path: Path) -> None:
+    """issue 16: tier's freeing is prune's plan, so it refuses what prune refuses — here a folder holding two
+    runs (two HF output folders), whose steps must never be ranked together. The uploads stand; nothing is freed."""
+    root = tmp_path / "outputs"
+    make_run(root / "run-a", steps=(100, 200), incomplete=None)
+    make_run(root / "run-b", steps=(100, 200), incomplete=None)
+    local, remote = Location.from_url(str(root)), Location.from_url(str(tmp_path / "remote"))
+    with pytest.raises(RefusedError, match="holds 2 runs"):
+        push(local, remote, PushOptions(settle_seconds=0, free_policy=Policy.build(keep_last=1)))
+    for run in ("run-a", "run-b"):
+        assert sorted(p.name for p in (root / run).iterdir()) == ["checkpoint-100", "checkpoint-200"]
