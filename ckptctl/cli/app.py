@@ -145,16 +145,7 @@ def build_app(words: Sequence[str]) -> typer.Typer:
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and a documented exit code."""
-    from ckptctl.cli._errors import as_ckptctl_error
-    from ckptctl.cli._output import current, write_error_line
-
     debug = os.environ.get("CKPTCTL_DEBUG", "") not in ("", "0")
-    if not debug:
-        import logging
-
-        # The stores' libraries log their retries and tracebacks; ckptctl says what failed in one line.
-        for name in ("gcsfs", "s3fs", "fsspec", "aiobotocore", "botocore", "urllib3", "google"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
     words = _completion_words()
     app = build_app(sys.argv[1:] if words is None else words)
     try:
@@ -167,6 +158,8 @@ def main() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except Exception as exc:
+        from ckptctl.cli._errors import as_ckptctl_error
+        from ckptctl.cli._output import current, write_error_line
         from ckptctl.storage.atomic import disk_error
 
         # A full disk, a quota, a file-size limit, a read-only or refused folder: one line, whichever command.

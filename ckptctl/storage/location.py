@@ -40,6 +40,14 @@ from ckptctl.errors import (
 
 EntryType = Literal["file", "directory", "link"]
 
+if os.environ.get("CKPTCTL_DEBUG", "") in ("", "0"):
+    import logging
+
+    # The stores' libraries log their retries and tracebacks on stderr (gcsfs: six per unreachable request);
+    # ckptctl says what failed in one line. CKPTCTL_DEBUG=1 lets them speak.
+    for _name in ("gcsfs", "s3fs", "fsspec", "aiobotocore", "botocore", "urllib3", "google"):
+        logging.getLogger(_name).setLevel(logging.CRITICAL)
+
 # What ``read_bytes`` reads at most unless the caller says less: small files of every kind (markers, manifests,
 # trainer_state.json of a long run) fit; a device or a sparse multi-GB file does not fill memory.
 SMALL_FILE_LIMIT = 256 * 1024 * 1024
