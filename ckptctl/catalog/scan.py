@@ -135,6 +135,8 @@ class _Draft:
     metrics: dict[str, float] = field(default_factory=dict)
     metric_source: str | None = None
     marker_checked: bool = False
+    source: FileSource | None = None
+    """A single file's reads so far (its structural check), so a second reader of it asks for no byte twice."""
 
     @property
     def path(self) -> str:
@@ -172,13 +174,14 @@ def _judge(location: Location, tree: _Tree, candidate: _Candidate, warnings: lis
             match.step,
             Verdict(Status.UNKNOWN, "no structural check for this format"),
         )
+    source = FileSource(location, entry.path, entry.size)
     try:
-        check = quick_check_file(location, entry.path, entry.size)
+        check = quick_check_file(location, entry.path, entry.size, source=source)
     except CkptctlError as exc:
         warnings.append(f"{entry.path}: could not read it to check it: {exc}")
         return _Draft(candidate, match.layout, match.step, Verdict(Status.UNKNOWN, "could not be read"))
     status = Status.COMPLETE if check.ok else Status.INCOMPLETE if check.ok is False else Status.UNKNOWN
-    return _Draft(candidate, match.layout, match.step, Verdict(status, check.reason))
+    return _Draft(candidate, match.layout, match.step, Verdict(status, check.reason), source=source)
 
 
 def _read_text(location: Location, rel: str, warnings: list[str]) -> str | None:
@@ -340,9 +343,11 @@ def _lightning_meta(location: Location, drafts: list[_Draft], warnings: list[str
             continue
         if draft.verdict.status is not Status.COMPLETE:
             continue
+        if draft.metrics and not match.last_copy:
+            continue  # its name carries the metric already: no read for what is known
         entry = draft.candidate.files[0]
         try:
-            meta = read_lightning_meta(FileSource(location, entry.path, entry.size))
+            meta = read_lightning_meta(draft.source or FileSource(location, entry.path, entry.size))
         except CkptctlError as exc:
             warnings.append(f"{entry.path}: its Lightning state could not be read ({exc.message})")
             continue

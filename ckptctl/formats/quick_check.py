@@ -58,11 +58,14 @@ def _failure(error: IntegrityError, source: FileSource) -> QuickCheck:
     return QuickCheck(None, f"could not be checked: {_reason(error, source)}")
 
 
-def quick_check_file(location: Location, rel: str, size: int) -> QuickCheck:
-    """Tell whether a single-file checkpoint is whole, from a read or two (module docstring)."""
+def quick_check_file(
+    location: Location, rel: str, size: int, *, source: FileSource | None = None
+) -> QuickCheck:
+    """Tell whether a single-file checkpoint is whole, from a read or two (module docstring). Pass ``source``
+    to keep what was read for a later reader of the same file (its cache serves the directory again)."""
     if size == 0:
         return QuickCheck(False, "empty file")
-    source = FileSource(location, rel, size)
+    source = source or FileSource(location, rel, size)
     if rel.endswith(".safetensors"):
         try:
             header = read_safetensors_header(source)
