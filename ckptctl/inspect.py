@@ -72,13 +72,6 @@ def _unit_location(run: Location, step: int | None) -> Location:
     return run.child(units[0].path) if units[0].path else run
 
 
-def _parent(location: Location) -> tuple[Location, str]:
-    """The folder holding a file location, and the file's name in it."""
-    name = posixpath.basename(location.root.rstrip("/"))
-    url = location.url.rsplit("/", 1)[0] if "/" in location.url else "."
-    return Location(location.fs, posixpath.dirname(location.root.rstrip("/")), url), name
-
-
 def inspect_location(location: Location, *, verify: bool = False) -> Inspection:
     """Inspect whatever ``location`` is: one file (one HEAD) or a folder (one listing).
 
@@ -97,8 +90,9 @@ def inspect_location(location: Location, *, verify: bool = False) -> Inspection:
 def _inspect_location(location: Location, *, verify: bool) -> Inspection:
     entry = location.stat()
     if entry.type == "file":
-        parent, name = _parent(location)
-        return inspect_file(parent, FileEntry(name, "file", entry.size, entry.mtime), verify=verify)
+        return inspect_file(
+            location.parent(), FileEntry(location.name, "file", entry.size, entry.mtime), verify=verify
+        )
     entries = location.walk()
     files = [e for e in entries if e.type == "file"]
     found = format_of_dir(e.path for e in files)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import re
 import shutil
 import time
@@ -32,7 +31,7 @@ from ckptctl.storage.atomic import (
     partial_folder,
     prepare_partial_folder,
 )
-from ckptctl.storage.location import Location, refuse_overlap
+from ckptctl.storage.location import Location, is_url, refuse_overlap
 
 PREFIX = "base_model.model."
 WRAPPERS = ("module.", "_orig_mod.")
@@ -118,20 +117,12 @@ def find_adapter_config(location: Location, levels: int = 3) -> dict[str, Any] |
     and checked field by field. One that is there but unreadable in any of these ways is an IntegrityError naming
     it, never skipped: the adapter would silently take other settings than its training's.
     """
-    root = location.root
     try:
         is_dir = location.stat().type == "directory"
     except NotFoundError:
         is_dir = False
-    folder = root if is_dir else posixpath.dirname(root)
-    # Never above the bucket on an object store (its root "folder" is the bucket itself).
-    floor = 0 if location.is_local or location.protocol == "memory" else 1
+    here = location if is_dir else location.parent()
     for _ in range(levels + 1):
-        if folder.strip("/").count("/") < floor:
-            break
-        here = Location(
-            location.fs, folder, folder if location.is_local else f"{location.protocol}://{folder}"
-        )
         try:
             entry = here.stat(ADAPTER_CONFIG)
         except (NotFoundError, PermissionDeniedError):
@@ -141,10 +132,10 @@ def find_adapter_config(location: Location, levels: int = 3) -> dict[str, Any] |
             if config.get("peft_type", "LORA") == "LORA":
                 check_adapter_config(config, here.url_of(ADAPTER_CONFIG))
                 return config
-        parent = posixpath.dirname(folder)
-        if parent == folder:
+        # Never above the bucket on an object store (its root "folder" is the bucket itself).
+        if here.at_top:
             break
-        folder = parent
+        here = here.parent()
     return None
 
 
@@ -359,7 +350,7 @@ def checked_out_dir(out_dir: str, *, force: bool, inputs: dict[str, Location] | 
     ``inputs`` (role -> location, e.g. ``{"SRC": src}``): an OUT_DIR that is, contains or lies inside one of them
     is refused, so that ``--force`` never deletes, and the write never replaces, what is being read.
     """
-    if "://" in out_dir:
+    if is_url(out_dir):
         raise UsageError(
             f"OUT_DIR must be a local folder, not {out_dir}; write the adapter locally, then copy it to the store"
         )

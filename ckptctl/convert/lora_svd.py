@@ -117,7 +117,7 @@ def low_rank(
 
 
 def _model_type(location: Location) -> str | None:
-    for candidate in (location, Location(location.fs, location.root.rsplit("/", 1)[0], location.url)):
+    for candidate in (location, location.parent()):
         try:
             if candidate.exists("config.json"):
                 return str(json.loads(candidate.read_bytes("config.json")).get("model_type") or "") or None

@@ -122,6 +122,13 @@ _STRING_OPTIONS = frozenset(
 _MAPPING_OPTIONS = frozenset({"client_kwargs", "config_kwargs", "s3_additional_kwargs", "storage_options"})
 
 
+def is_url(text: str) -> bool:
+    """Whether ``text`` names a store by URL (``s3://``, ``memory://``) rather than a local path (``file://``
+    counts as local): the one test of it outside fsspec."""
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme != "file" and "/" not in scheme
+
+
 def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
     """Turn ``key=value`` pairs into fsspec storage options.
 
@@ -290,6 +297,26 @@ class Location:
 
     def child(self, rel: str) -> Location:
         return Location(self.fs, self.full_path(rel), self.url_of(rel))
+
+    @property
+    def name(self) -> str:
+        """The last component (a file's or a folder's name; ``""`` at the top of a filesystem)."""
+        return posixpath.basename(self.root.rstrip("/"))
+
+    @property
+    def at_top(self) -> bool:
+        """True at the filesystem root, or at a bucket on an object store (nothing above it is ours to read)."""
+        floor = 0 if self.is_local or self.protocol == "memory" else 1
+        return self.root.strip("/").count("/") < floor or posixpath.dirname(self.root) == self.root
+
+    def parent(self) -> Location:
+        """The folder holding this location (itself at the top, see ``at_top``); the URL keeps what was typed."""
+        if self.at_top:
+            return self
+        root = posixpath.dirname(self.root.rstrip("/")) or ("/" if self.root.startswith("/") else "")
+        scheme, sep, path = self.url.rpartition("://")
+        head = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else ("" if sep else ".")
+        return Location(self.fs, root, f"{scheme}{sep}{head or ('/' if path.startswith('/') else '')}")
 
     # -- errors ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
