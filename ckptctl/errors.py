@@ -6,7 +6,9 @@ The command-line layer maps these to one line on stderr (``cli/_errors.py``); li
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum
+from typing import TypeVar
 
 
 class ExitCode(IntEnum):
@@ -23,6 +25,22 @@ class ExitCode(IntEnum):
     INTEGRITY = 8
 
 
+_E = TypeVar("_E", bound="CkptctlError")
+
+
+class _SettingNames(dict[str, str]):
+    """``{keep_last}`` in a message template: the flag a command maps it to, else the setting's own name
+    (``keep-last``, as a policy file spells it)."""
+
+    def __missing__(self, key: str) -> str:
+        return key.replace("_", "-")
+
+
+def literal(text: object) -> str:
+    """User text (a path, a metric name) inside a ``CkptctlError.naming`` template: its braces doubled."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
 class CkptctlError(Exception):
     """Base of every error ckptctl raises on purpose; ``str()`` is the one-line message."""
 
@@ -35,6 +53,31 @@ class CkptctlError(Exception):
         self.message = message
         self.url = url
         self.hint = hint if hint is not None else self.default_hint
+        self.templates: tuple[str, str | None] | None = None
+
+    @classmethod
+    def naming(cls: type[_E], template: str, *, hint: str | None = None, url: str | None = None) -> _E:
+        """An error about settings, named in ``template`` and ``hint`` as ``{keep_last}``: the core speaks of
+        concepts, ``for_flags`` words the message with what the user typed (``--keep-local-last`` for tier
+        push, a key in a policy file). User text inside a template must have its braces doubled."""
+        names = _SettingNames()
+        error = cls(
+            template.format_map(names), url=url, hint=None if hint is None else hint.format_map(names)
+        )
+        error.templates = (template, hint)
+        return error
+
+    def for_flags(self: _E, flags: Mapping[str, str]) -> _E:
+        """The same error naming ``flags[setting]`` for each setting (unmapped ones keep their own name)."""
+        if self.templates is None:
+            return self
+        template, hint = self.templates
+        names = _SettingNames(flags)
+        worded = type(self)(
+            template.format_map(names), url=self.url, hint=None if hint is None else hint.format_map(names)
+        )
+        worded.templates = self.templates
+        return worded
 
 
 class UsageError(CkptctlError):

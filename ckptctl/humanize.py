@@ -54,7 +54,7 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
 
-def parse_steps(text: str) -> list[int]:
+def parse_steps(text: str, *, allow_empty: bool = True) -> list[int]:
     """``100,200, 300`` -> [100, 200, 300]: the one parser of step lists (``--keep-steps``, ``--steps``)."""
     steps = []
     for part in text.split(","):
@@ -64,6 +64,8 @@ def parse_steps(text: str) -> list[int]:
         if not re.fullmatch(r"\d{1,18}", part):
             raise UsageError(f"not a step: {part[:40]!r} (a step is a whole number, e.g. 100,200,300)")
         steps.append(int(part))
+    if not steps and not allow_empty:
+        raise UsageError(f"no step in {text[:40]!r} (give step numbers separated by commas, e.g. 800,900)")
     return steps
 
 

@@ -81,6 +81,7 @@ def unit_to_dict(unit: Unit, now: float) -> dict[str, Any]:
         "step": unit.step,
         "step_kind": unit.ordinal,
         "counted": unit.counted,
+        "being_deleted": unit.journaled,
         "epoch": unit.epoch,
         "layout": unit.layout.value,
         "kind": unit.kind,

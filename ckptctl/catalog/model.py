@@ -89,6 +89,8 @@ class Unit:
     never counted by retention and never deleted."""
     marker_checked: bool = False
     """Whether the completion marker's contents were read and found whole (not only its presence)."""
+    journaled: bool = False
+    """Named by an interrupted prune's journal: half-deleted, never complete; the next prune finishes it."""
 
     @property
     def name(self) -> str:

@@ -135,6 +135,7 @@ class _Draft:
     metrics: dict[str, float] = field(default_factory=dict)
     metric_source: str | None = None
     marker_checked: bool = False
+    journaled: bool = False
     source: FileSource | None = None
     """A single file's reads so far (its structural check), so a second reader of it asks for no byte twice."""
 
@@ -371,6 +372,7 @@ def _apply_journal(location: Location, tree: _Tree, drafts: list[_Draft], warnin
         return
     for draft in drafts:
         if draft.path in doomed:
+            draft.journaled = True
             draft.verdict = Verdict(
                 Status.INCOMPLETE, "being deleted (an interrupted prune's journal names it)"
             )
@@ -456,6 +458,7 @@ def scan_run(
                 ordinal=match.ordinal if match else "step",
                 counted=not (match and match.last_copy),
                 marker_checked=draft.marker_checked,
+                journaled=draft.journaled,
             )
         )
     units.sort(key=lambda u: (u.step is None, u.step if u.step is not None else 0, u.epoch or 0, u.path))

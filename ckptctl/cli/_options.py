@@ -38,3 +38,42 @@ SettleOpt = Annotated[
         help="A checkpoint whose newest file is younger than this is reported in-progress (e.g. 10m, 90s, 0).",
     ),
 ]
+StepOpt = Annotated[
+    int | None, typer.Option("--step", metavar="N", min=0, help="The run's checkpoint of this step.")
+]
+LatestOpt = Annotated[
+    bool, typer.Option("--latest", help="The run's newest checkpoint: the highest step (see each command).")
+]
+StepsOpt = Annotated[
+    str | None,
+    typer.Option("--steps", metavar="S1,S2", help="Only these steps, separated by commas (e.g. 800,900)."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output if it exists (never an input).")]
+JobsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        metavar="N",
+        min=1,
+        help="Parallel streams (files and parts); default 2 per core, 4-16.",
+    ),
+]
+MetricOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--metric",
+        metavar="NAME[:min|max]",
+        help="The metric that ranks checkpoints for --keep-best, e.g. eval_loss (names ending in 'loss' default "
+        "to min) or eval_acc:max.",
+    ),
+]
+MetricFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--metric-file",
+        metavar="PATH",
+        help="CSV or JSON Lines file of metrics by step (else HF trainer_state.json and name=value in "
+        "checkpoint names are used).",
+    ),
+]

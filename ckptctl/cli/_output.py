@@ -12,8 +12,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ckptctl.errors import CkptctlError, ExitCode, RefusedError
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 RESULT_VERSION = 1
 _current: Output | None = None
+Cell = str | tuple[str, str]
+"""A table cell: its text, or (text, style)."""
 
 
 def _json_safe(value: Any) -> Any:
@@ -37,7 +39,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def envelope(
-    command: str, data: Any, *, status: str = "ok", exit_code: int = 0, errors: Sequence[dict[str, str]] = ()
+    command: str, data: Any, *, status: str = "ok", exit_code: int = 0, errors: Sequence[dict[str, Any]] = ()
 ) -> dict[str, Any]:
     """The ``--json`` result every command prints: pinned by tests/cli/test_json_contract.py."""
     return {
@@ -53,18 +55,36 @@ def envelope(
 class Output:
     """Where a command writes: create one per command invocation with ``Output.start``."""
 
-    def __init__(self, command: str, *, json_mode: bool = False, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        command: str,
+        *,
+        json_mode: bool = False,
+        quiet: bool = False,
+        flags: Mapping[str, str] | None = None,
+    ) -> None:
         self.command = command
         self.json_mode = json_mode
         self.quiet = quiet
+        self.flags: Mapping[str, str] = flags or {}
         self._stdout: Console | None = None
         self._stderr: Console | None = None
 
     @classmethod
-    def start(cls, command: str, *, json_mode: bool = False, quiet: bool = False) -> Output:
-        """Make the sink for this invocation and remember it, so ``main`` can report errors in the same mode."""
+    def start(
+        cls,
+        command: str,
+        *,
+        json_mode: bool = False,
+        quiet: bool = False,
+        flags: Mapping[str, str] | None = None,
+    ) -> Output:
+        """Make the sink for this invocation and remember it, so ``main`` can report errors in the same mode.
+
+        ``flags`` maps the core's setting names to this command's flags (``keep_last`` -> ``--keep-local-last``):
+        every error the core words by setting (``CkptctlError.naming``) is shown with the flag the user typed."""
         global _current
-        _current = cls(command, json_mode=json_mode, quiet=quiet)
+        _current = cls(command, json_mode=json_mode, quiet=quiet, flags=flags)
         return _current
 
     # -- consoles -----------------------------------------------------------------------------------------
@@ -96,7 +116,7 @@ class Output:
 
     # -- results ------------------------------------------------------------------------------------------
     def result(
-        self, data: Any, *, status: str = "ok", exit_code: int = 0, errors: Sequence[dict[str, str]] = ()
+        self, data: Any, *, status: str = "ok", exit_code: int = 0, errors: Sequence[dict[str, Any]] = ()
     ) -> None:
         """Print the JSON envelope (``--json`` only; human renderers print their own text)."""
         if self.json_mode:
@@ -123,6 +143,23 @@ class Output:
         if not self.json_mode:
             self.stdout.print(renderable)
 
+    def table(
+        self, columns: Sequence[str], rows: Iterable[Sequence[Cell]], *, right: Sequence[str] = ()
+    ) -> None:
+        """One plain table on stdout (nothing under ``--json``). Every cell is rich ``Text``: names and reasons
+        are data from a run or a store, so ``[bold]`` or ``x[/]`` in them is shown, never parsed as markup."""
+        if self.json_mode:
+            return
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for column in columns:
+            table.add_column(column, justify="right" if column in right else "left", overflow="fold")
+        for row in rows:
+            table.add_row(*(Text(c) if isinstance(c, str) else Text(c[0], style=c[1]) for c in row))
+        self.print(table)
+
     def info(self, message: str) -> None:
         """A human message on stderr, silenced by ``--quiet`` and ``--json``."""
         if not self.quiet and not self.json_mode:
@@ -133,17 +170,29 @@ class Output:
         if not self.json_mode:
             self.stderr.print(f"warning: {message}", markup=False)
 
-    def error(self, exc: CkptctlError) -> int:
-        """Report an error in this sink's mode and return the exit code."""
+    def error(
+        self, exc: CkptctlError, data: Any = None, *, errors: Sequence[dict[str, Any]] | None = None
+    ) -> int:
+        """Report an error in this sink's mode and return the exit code: the one failure path of every command.
+
+        Under ``--json`` the envelope carries ``data`` (what was done or found, if anything) and ``errors``
+        (default: this error alone), with status ``partial`` for exit 5 (some of the work was done) and
+        ``error`` otherwise; the ``error:`` line goes to stderr in both modes."""
+        exc = exc.for_flags(self.flags)
         code = int(exc.exit_code)
         if self.json_mode:
-            # Exit 5 means some of the work was done: the README's "partial", not "error".
             status = "partial" if exc.exit_code == ExitCode.PARTIAL else "error"
-            self.result(
-                None, status=status, exit_code=code, errors=[{"code": exc.code, "message": exc.message}]
-            )
+            shown = errors if errors is not None else [{"code": exc.code, "message": exc.message}]
+            self.result(data, status=status, exit_code=code, errors=shown)
         write_error_line(exc)
         return code
+
+    def fail(
+        self, exc: CkptctlError, data: Any = None, *, errors: Sequence[dict[str, Any]] | None = None
+    ) -> NoReturn:
+        """``error()``, then exit with its code: for a command that has rendered a result and must still fail
+        (inspect found a defect, pull --all pulled some). Human rendering comes first, the error line last."""
+        raise SystemExit(self.error(exc, data, errors=errors))
 
     # -- interaction --------------------------------------------------------------------------------------
     def confirm(self, question: str, *, yes: bool) -> None:

@@ -18,7 +18,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from ckptctl.errors import CkptctlError, MetricSourceError
+from ckptctl.errors import CkptctlError, MetricSourceError, literal
 from ckptctl.storage.location import Location
 
 
@@ -116,8 +116,8 @@ def load_metric_file(
     offset = LIGHTNING_STEP_OFFSET if lightning_run and is_lightning_log(data, source.url) else 0
     values = parse_metric_file(data, source.url, metric, step_key, step_offset=offset)
     if not values:
-        raise MetricSourceError(
-            f"metric file {source.url} has no rows with both {step_key!r} and {metric!r}",
-            hint="check --metric and --step-key against the file's columns",
+        raise MetricSourceError.naming(
+            literal(f"metric file {source.url} has no rows with both {step_key!r} and {metric!r}"),
+            hint="check {metric} and {step_key} against the file's columns",
         )
     return MetricValues(values, offset)

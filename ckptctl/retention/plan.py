@@ -19,7 +19,7 @@ from ckptctl.catalog.listing import unit_to_dict
 from ckptctl.catalog.markers import confirm_markers, marker_checkable
 from ckptctl.catalog.model import Layout, RunScan, Status, Unit
 from ckptctl.catalog.scan import scan_run
-from ckptctl.errors import MetricSourceError, NothingRecognisedError, RefusedError, UsageError
+from ckptctl.errors import MetricSourceError, NothingRecognisedError, RefusedError, UsageError, literal
 from ckptctl.humanize import format_bytes
 from ckptctl.retention.metrics import load_metric_file
 from ckptctl.retention.policy import Decision, Policy, decide, decide_incomplete
@@ -87,10 +87,12 @@ def _check_order(units: Sequence[Unit]) -> None:
         if unit.layout is Layout.LIGHTNING and unit.is_ranked and unit.step is not None:
             other = seen.setdefault((unit.run, unit.step), unit)
             if other is not unit:
-                raise RefusedError(
-                    f"{other.path} and {unit.path} are both step {unit.step}: two runs may share "
-                    f"{unit.run or 'the run'}",
-                    hint="prune the runs separately, or pass --ignore-time-order if this is one run",
+                raise RefusedError.naming(
+                    literal(
+                        f"{other.path} and {unit.path} are both step {unit.step}: two runs may share "
+                        f"{unit.run or 'the run'}"
+                    ),
+                    hint="prune the runs separately, or pass {ignore_time_order} if this is one run",
                 )
     latest_seen: Unit | None = None
     for unit in dated:
@@ -98,10 +100,13 @@ def _check_order(units: Sequence[Unit]) -> None:
             latest_seen
             and (latest_seen.newest_mtime or 0) - (unit.newest_mtime or 0) > ORDER_TOLERANCE_SECONDS
         ):
-            raise RefusedError(
-                f"step order and time order disagree: {latest_seen.path} (step {latest_seen.step}) was written "
-                f"after {unit.path} (step {unit.step}); two runs may share {posixpath.dirname(unit.path) or 'the run'}",
-                hint="prune the runs separately, or pass --ignore-time-order if the files were copied",
+            raise RefusedError.naming(
+                literal(
+                    f"step order and time order disagree: {latest_seen.path} (step {latest_seen.step}) was "
+                    f"written after {unit.path} (step {unit.step}); two runs may share "
+                    f"{posixpath.dirname(unit.path) or 'the run'}"
+                ),
+                hint="prune the runs separately, or pass {ignore_time_order} if the files were copied",
             )
         if latest_seen is None or (unit.newest_mtime or 0) >= (latest_seen.newest_mtime or 0):
             latest_seen = unit
@@ -125,7 +130,7 @@ def plan_prune(
     scan = scan_run(location, settle_seconds=settle_seconds, now=now)
     if incomplete_older_than is not None:
         decisions = decide_incomplete(scan.units, incomplete_older_than, scan.scanned_at)
-        resume = tuple(u for u in scan.units if u.reason.startswith("being deleted"))
+        resume = _being_deleted(scan.units)
         plan = PrunePlan(
             location.url, policy, tuple(decisions), resume, tuple(scan.warnings), scan.scanned_at
         )
@@ -137,20 +142,20 @@ def plan_prune(
     ranked = [u for u in scan.units if u.is_ranked]
     if any(u.ordinal == "save" for u in ranked):
         by_step = [
-            flag
-            for flag, used in (
-                ("--keep-every-steps", policy.keep_every_steps),
-                ("--keep-steps", policy.keep_steps),
-                ("--pin", policy.pinned_steps),
-                ("--metric-file", metric_file),
+            setting
+            for setting, used in (
+                ("keep_every_steps", policy.keep_every_steps),
+                ("keep_steps", policy.keep_steps),
+                ("pin", policy.pinned_steps),
+                ("metric_file", metric_file),
             )
             if used
         ]
         if by_step:
-            raise UsageError(
-                f"the checkpoints of {location.url} are numbered by save, not by training step "
-                f"(Accelerate's checkpoint_N), so {by_step[0]} cannot name them",
-                hint="use --keep-last, --keep-total or --keep-within, or a .ckptctl-keep file to pin one",
+            raise UsageError.naming(
+                f"the checkpoints of {literal(location.url)} are numbered by save, not by training step "
+                f"(Accelerate's checkpoint_N), so {{{by_step[0]}}} cannot name them",
+                hint="use {keep_last}, {keep_total} or {keep_within}, or a .ckptctl-keep file to pin one",
             )
     if policy.keep_best and policy.metric:
         if metric_file is not None:
@@ -160,13 +165,15 @@ def plan_prune(
             matched = [u for u in ranked if u.step in metrics]
             if not matched:
                 steps = sorted(metrics)
-                raise MetricSourceError(
-                    f"metric file {metric_file.url} matches no checkpoint of {location.url}: its {policy.metric!r} "
-                    f"rows are at steps {steps[0]}..{steps[-1]}"
-                    + (f" (+{loaded.step_offset}, Lightning's rule)" if loaded.step_offset else "")
-                    + f", the checkpoints at {_step_range(ranked)}",
+                raise MetricSourceError.naming(
+                    literal(
+                        f"metric file {metric_file.url} matches no checkpoint of {location.url}: its "
+                        f"{policy.metric!r} rows are at steps {steps[0]}..{steps[-1]}"
+                        + (f" (+{loaded.step_offset}, Lightning's rule)" if loaded.step_offset else "")
+                        + f", the checkpoints at {_step_range(ranked)}"
+                    ),
                     url=metric_file.url,
-                    hint="check --step-key, and that the file belongs to this run",
+                    hint="check {step_key}, and that the file belongs to this run",
                 )
             if loaded.step_offset:
                 notes.append(
@@ -176,15 +183,17 @@ def plan_prune(
             notes.append(f"{metric_file.url}: {len(matched)} of {len(ranked)} checkpoints have a value")
         elif not any(policy.metric in u.metrics for u in ranked):
             looked = sorted({u.metric_source for u in scan.units if u.metric_source}) or ["nowhere"]
-            raise MetricSourceError(
-                f"no checkpoint of {location.url} has a value for {policy.metric!r} "
-                f"(looked in: {', '.join(looked)}; trainer_state.json log_history and name=value in names)",
-                hint="pass --metric-file PATH (CSV or JSON Lines) with --step-key",
+            raise MetricSourceError.naming(
+                literal(
+                    f"no checkpoint of {location.url} has a value for {policy.metric!r} (looked in: "
+                    f"{', '.join(looked)}; trainer_state.json log_history and name=value in names)"
+                ),
+                hint="pass {metric_file} PATH (CSV or JSON Lines) with {step_key}",
             )
     if check_time_order:
         _check_order(scan.units)
     decisions, units = _decide_confirmed(location, scan.units, policy, metrics, notes)
-    resume = tuple(u for u in units if u.status is Status.INCOMPLETE and u.reason.startswith("being deleted"))
+    resume = _being_deleted(units)
     if any(r.startswith("tie@") for d in decisions for r in d.reasons):
         notes.append(f"ties at place {policy.keep_best} for {policy.metric}: all tied checkpoints are kept")
     plan = PrunePlan(location.url, policy, tuple(decisions), resume, tuple(notes), scan.scanned_at)
@@ -220,6 +229,12 @@ def _decide_confirmed(
         current = [by_path.get(u.path, u) for u in current]
 
 
+def _being_deleted(units: Sequence[Unit]) -> tuple[Unit, ...]:
+    """Units an interrupted prune's journal names and nobody has written to since (a unit touched again within
+    the settle time is in progress, and left alone)."""
+    return tuple(u for u in units if u.journaled and u.status is Status.INCOMPLETE)
+
+
 def _step_range(units: Sequence[Unit]) -> str:
     steps = sorted(u.step for u in units if u.step is not None)
     return f"steps {steps[0]}..{steps[-1]}" if steps else "no step"
@@ -253,10 +268,12 @@ def _check_one_run(scan: RunScan) -> None:
 def _check_limits(plan: PrunePlan, max_delete: int | None, max_delete_bytes: int | None) -> None:
     count = len(plan.to_delete)
     if max_delete is not None and count > max_delete:
-        raise RefusedError(f"the plan deletes {count} checkpoints, more than --max-delete {max_delete}")
+        raise RefusedError.naming(
+            f"the plan deletes {count} checkpoints, more than {{max_delete}} {max_delete}"
+        )
     if max_delete_bytes is not None and plan.bytes_to_free > max_delete_bytes:
-        raise RefusedError(
-            f"the plan frees {format_bytes(plan.bytes_to_free)}, more than --max-delete-bytes "
+        raise RefusedError.naming(
+            f"the plan frees {format_bytes(plan.bytes_to_free)}, more than {{max_delete_bytes}} "
             f"{format_bytes(max_delete_bytes)}"
         )
 

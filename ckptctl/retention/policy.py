@@ -13,30 +13,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ckptctl.catalog.model import Status, Unit
-from ckptctl.errors import UsageError
+from ckptctl.errors import UsageError, literal
 
 PIN_FILE = ".ckptctl-keep"
-RULES = ("keep_last", "keep_total", "keep_best", "metric", "keep_every_steps", "keep_within", "keep_steps")
 
 
 class PolicyError(UsageError):
-    """A policy that cannot be built, in the words of its rules; ``for_flags`` words it with a command's flags.
-
-    ``str()`` (and ``message``) use the rule names (``keep-last must be at least 1``)."""
-
-    def __init__(self, template: str) -> None:
-        self.template = template
-        super().__init__(template.format(**{rule: rule.replace("_", "-") for rule in RULES}))
-
-    def for_flags(self, flags: Mapping[str, str]) -> UsageError:
-        """The same error naming the flags the user typed; rules a command has no flag for keep their name."""
-        names = {rule: flags.get(rule, rule.replace("_", "-")) for rule in RULES}
-        return UsageError(self.template.format(**names), url=self.url, hint=self.hint)
-
-
-def _braces(text: str) -> str:
-    """User text inside a template: its braces escaped."""
-    return text.replace("{", "{{").replace("}", "}}")
+    """A policy that cannot be built, in the words of its rules (``PolicyError.naming("{keep_last} must be at
+    least 1")``); the command words it with its flags (``for_flags``), a policy file with its keys."""
 
 
 Action = Literal["keep", "delete", "skip"]
@@ -77,7 +61,7 @@ class Policy:
         with its own flags (``--keep-last`` for prune, ``--keep-local-last`` for tier push)."""
         if keep_total is not None:
             if keep_total < 1:
-                raise PolicyError("{keep_total} must be at least 1")
+                raise PolicyError.naming("{keep_total} must be at least 1")
             clash = [
                 rule
                 for rule, value in (
@@ -88,16 +72,18 @@ class Policy:
                 if value is not None
             ]
             if clash:
-                raise PolicyError(
+                raise PolicyError.naming(
                     "{keep_total} is a total and {" + clash[0] + "} adds to it; use one or the other "
                     "({keep_total} K {keep_best} M keeps the best M and the newest, K in all)"
                 )
         if keep_last is not None and keep_last < 1:
-            raise PolicyError("{keep_last} must be at least 1 ({keep_last} 0 would delete every checkpoint)")
+            raise PolicyError.naming(
+                "{keep_last} must be at least 1 ({keep_last} 0 would delete every checkpoint)"
+            )
         if keep_best is not None and keep_best < 1:
-            raise PolicyError("{keep_best} must be at least 1")
+            raise PolicyError.naming("{keep_best} must be at least 1")
         if keep_every_steps is not None and keep_every_steps < 1:
-            raise PolicyError("{keep_every_steps} must be at least 1")
+            raise PolicyError.naming("{keep_every_steps} must be at least 1")
         mode: Literal["min", "max"] | None = None
         name = metric
         if metric:
@@ -105,17 +91,19 @@ class Policy:
             if spelled in ("min", "max"):
                 mode = spelled  # type: ignore[assignment]
             elif spelled:
-                raise PolicyError("{metric} " + _braces(metric) + ": the mode after ':' must be min or max")
+                raise PolicyError.naming(
+                    "{metric} " + literal(metric) + ": the mode after ':' must be min or max"
+                )
             elif name.endswith("loss"):
                 mode = "min"
             else:
-                shown = _braces(name)
-                raise PolicyError(
+                shown = literal(name)
+                raise PolicyError.naming(
                     f"{{metric}} {shown}: say whether higher or lower is better ({shown}:max or {shown}:min); "
                     "only names ending in 'loss' default to min"
                 )
         if keep_best is not None and not name:
-            raise PolicyError("{keep_best} needs {metric} NAME[:min|max]")
+            raise PolicyError.naming("{keep_best} needs {metric} NAME[:min|max]")
         policy = cls(
             keep_last=keep_last,
             keep_best=keep_best,
@@ -129,7 +117,7 @@ class Policy:
             keep_total=keep_total,
         )
         if not policy.has_rule:
-            raise PolicyError(
+            raise PolicyError.naming(
                 "at least one keep rule is needed ({keep_last}, {keep_total}, {keep_best}, {keep_every_steps}, "
                 "{keep_within}, {keep_steps}): with no rule nothing is deleted"
             )
@@ -262,7 +250,7 @@ def decide_incomplete(units: Sequence[Unit], older_than_seconds: float, now: flo
             decisions.append(Decision(unit, "skip", (f"{unit.status.value}: {unit.reason}",)))
         elif unit.pointers:
             decisions.append(Decision(unit, "keep", tuple(f"ref:{p}" for p in unit.pointers)))
-        elif unit.reason.startswith("being deleted"):
+        elif unit.journaled:
             decisions.append(Decision(unit, "skip", ("finished by the journal step",)))
         elif age is None or age < older_than_seconds:
             decisions.append(Decision(unit, "skip", (f"{unit.status.value}, but younger than --older-than",)))

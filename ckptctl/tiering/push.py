@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from ckptctl.catalog.model import Status, Unit
 from ckptctl.catalog.scan import scan_run
@@ -68,11 +69,15 @@ class PushOptions:
     dry_run: bool = False
 
 
+PushAction = Literal["uploaded", "already", "would-upload", "failed"]
+"""``uploaded``, ``already`` (a verified manifest was there), ``would-upload`` (dry run), ``failed``."""
+PUSH_ACTIONS: tuple[PushAction, ...] = ("uploaded", "already", "would-upload", "failed")
+
+
 @dataclass
 class UnitOutcome:
     unit: Unit
-    action: str
-    """``uploaded``, ``already`` (a verified manifest was there), ``would-upload`` (dry run), ``failed``."""
+    action: PushAction
     uploaded_bytes: int = 0
     seconds: float = 0.0
     detail: str = ""
@@ -90,6 +95,15 @@ class PushResult:
     @property
     def failed(self) -> list[UnitOutcome]:
         return [o for o in self.outcomes if o.action == "failed"]
+
+    @property
+    def counts(self) -> dict[PushAction, int]:
+        """How many checkpoints had each outcome (every action present, zero included)."""
+        return {action: sum(1 for o in self.outcomes if o.action == action) for action in PUSH_ACTIONS}
+
+    @property
+    def freed_units(self) -> list[Unit]:
+        return self.freed.deleted if self.freed else []
 
     @property
     def uploaded_bytes(self) -> int:

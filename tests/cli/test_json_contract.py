@@ -28,6 +28,7 @@ UNIT_KEYS = {
     "run",
     "step_kind",
     "counted",
+    "being_deleted",
 }
 
 

@@ -158,7 +158,11 @@ def test_an_interrupted_prune_is_finished_and_never_reported_complete(example: P
     (example / JOURNAL_NAME).write_bytes(encode_journal(["checkpoint-200"], time.time()))
     (example / "checkpoint-200" / "trainer_state.json").unlink()
     listed = json.loads(run_cli("list", str(example), "--json").stdout)["data"]["units"]
-    assert {u["path"]: u["status"] for u in listed}["checkpoint-200"] == "incomplete"
+    assert {u["path"]: (u["status"], u["being_deleted"]) for u in listed}["checkpoint-200"] == (
+        "incomplete",
+        True,
+    )
+    assert not any(u["being_deleted"] for u in listed if u["path"] != "checkpoint-200")
     result = run_cli("prune", str(example), "--keep-last", "5")
     assert result.returncode == 0, result.stderr
     assert not (example / "checkpoint-200").exists() and not (example / JOURNAL_NAME).exists()

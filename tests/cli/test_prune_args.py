@@ -54,3 +54,31 @@ def test_tier_push_words_policy_errors_with_its_own_flags(tmp_path: Path) -> Non
         assert result.stderr.startswith(f"error: {message}"), result.stderr
         assert "--keep-last" not in result.stderr and "--keep-best " not in result.stderr
     assert not (tmp_path / "remote").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tier", "push", "{run}", "--to", "{remote}", "--steps", ","], "no step in ','"),
+        (["tier", "push", "{run}", "--to", "{remote}", "--steps", "1,x"], "not a step: 'x'"),
+        (["tier", "pull", "{remote}", "{dest}", "--steps", "abc"], "not a step: 'abc'"),
+        (
+            ["tier", "push", "{run}", "--to", "{remote}", "--jobs", "0"],
+            "'--jobs' / '-j': 0 is not in the range",
+        ),
+        (["inspect", "{run}", "--step", "-1"], "'--step': -1 is not in the range"),
+        (["extract-lora", "{run}", "{dest}", "--bias", "some"], "'--bias': 'some' is not one of"),
+    ],
+    ids=["steps-empty", "steps-x", "pull-steps-abc", "jobs-0", "step-negative", "bias-choice"],
+)
+def test_shared_options_are_checked_where_they_are_declared(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    """Step lists go through one parser; ranges and choices are declared on the option, so every command that
+    takes --jobs, --step or --bias refuses the same bad value the same way (exit 2, nothing written)."""
+    run = write_example_run(tmp_path / "run")
+    places = {"run": str(run), "remote": str(tmp_path / "remote"), "dest": str(tmp_path / "dest")}
+    result = run_cli(*(a.format(**places) for a in args))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "remote").exists() and not (tmp_path / "dest").exists()

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import math
+from enum import Enum
 from typing import Annotated
 
 import typer
 
-from ckptctl.cli._options import JsonOpt, QuietOpt, StorageOpt
+from ckptctl.cli._options import ForceOpt, JsonOpt, QuietOpt, StorageOpt
+
+
+class LoraBias(str, Enum):
+    """PEFT ``LoraConfig.bias``: which biases training updated (and the adapter therefore carries)."""
+
+    none = "none"
+    lora_only = "lora_only"
+    all = "all"
 
 
 def extract_lora(
@@ -36,8 +45,7 @@ def extract_lora(
         bool | None, typer.Option("--rslora/--no-rslora", help="Training used rank-stabilised scaling.")
     ] = None,
     bias: Annotated[
-        str | None,
-        typer.Option("--bias", metavar="none|lora_only|all", help="The LoraConfig bias mode of training."),
+        LoraBias | None, typer.Option("--bias", help="The LoraConfig bias mode of training.")
     ] = None,
     task_type: Annotated[str | None, typer.Option("--task-type", help="e.g. CAUSAL_LM.")] = None,
     base_model: Annotated[
@@ -61,7 +69,7 @@ def extract_lora(
             help="SVD mode: per-module rank keeping this fraction of ‖ΔW‖ (Frobenius), e.g. 0.9; ranks go to rank_pattern.",
         ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     storage_option: StorageOpt = None,
@@ -156,8 +164,6 @@ def extract_lora(
         raise UsageError("--rank and --energy go with --base/--tuned")
     if len(paths) != 2:
         raise UsageError("give SRC and OUT_DIR (or --base BASE --tuned TUNED OUT_DIR)")
-    if bias is not None and bias not in ("none", "lora_only", "all"):
-        raise UsageError(f"--bias takes none, lora_only or all; got {bias!r}")
     from ckptctl.convert.lora import extract_from_checkpoint
 
     written = extract_from_checkpoint(
@@ -167,7 +173,7 @@ def extract_lora(
         overrides={
             "lora_alpha": alpha,
             "use_rslora": rslora,
-            "bias": bias,
+            "bias": bias.value if bias is not None else None,
             "task_type": task_type,
             "base_model_name_or_path": base_model,
         },

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ckptctl.cli._options import JsonOpt, QuietOpt, StorageOpt
+from ckptctl.cli._options import JsonOpt, LatestOpt, QuietOpt, StepOpt, StorageOpt
+
+if TYPE_CHECKING:
+    from ckptctl.cli._output import Output
+    from ckptctl.formats.model import Inspection
+
+Matcher = Callable[[str], bool]
 
 _SHOWN_BY_DEFAULT = 20
 # Tensor roles that are not model weights, as the summary names them.
@@ -22,16 +29,8 @@ def inspect_checkpoint(
             show_default=False,
         ),
     ],
-    step: Annotated[
-        int | None, typer.Option("--step", help="Inspect the run's checkpoint of this step.")
-    ] = None,
-    latest: Annotated[
-        bool,
-        typer.Option(
-            "--latest",
-            help="Inspect the run's latest checkpoint (its `latest` pointer, else the highest step).",
-        ),
-    ] = False,
+    step: StepOpt = None,
+    latest: LatestOpt = False,
     tensors: Annotated[
         bool, typer.Option("--tensors", help="List every tensor (default: the first 20).")
     ] = False,
@@ -58,7 +57,8 @@ def inspect_checkpoint(
     Reads headers only (safetensors header, torch zip directory and pickle, torch legacy pickles, DeepSpeed model
     states, DCP .metadata): tensor data is never loaded, torch is not needed, and no pickle code is ever run.
     Optimizer moments, scheduler and RNG state are shown as such, never counted as parameters. Over S3/GCS a file
-    costs two or three small ranged reads. Exits 8 when a defect is found (a truncated file, a missing rank file
+    costs two or three small ranged reads. On a run, --latest takes the checkpoint its `latest` pointer names,
+    else the highest complete step. Exits 8 when a defect is found (a truncated file, a missing rank file
     or shard; with --verify on a folder, any of its files), naming the file.
 
     Examples:
@@ -69,7 +69,7 @@ def inspect_checkpoint(
 
       ckptctl inspect gs://bucket/run42/global_step3 --verify --json
     """
-    from ckptctl.cli._output import Output, write_error_line
+    from ckptctl.cli._output import Output
     from ckptctl.errors import IntegrityError, UsageError
     from ckptctl.inspect import inspect_checkpoint as run_inspect
     from ckptctl.storage.location import parse_storage_options
@@ -86,26 +86,16 @@ def inspect_checkpoint(
     )
     matcher = _matcher(filter_glob)
     data = result.to_dict(tensor_filter=matcher)
+    if not json_out:
+        _render(out, result, matcher, show_all=tensors or filter_glob is not None)
     if result.defects:
         first = result.defects[0]
         more = f" (and {len(result.defects) - 1} more defect(s))" if len(result.defects) > 1 else ""
-        error = IntegrityError(f"{result.url}: {first}{more}", url=result.url)
-        out.result(
-            data,
-            status="error",
-            exit_code=int(error.exit_code),
-            errors=[{"code": error.code, "message": error.message}],
-        )
-        if not json_out:
-            _render(out, result, matcher, show_all=tensors or filter_glob is not None)
-        write_error_line(error)
-        raise typer.Exit(int(error.exit_code))
+        out.fail(IntegrityError(f"{result.url}: {first}{more}", url=result.url), data)
     out.result(data)
-    if not json_out:
-        _render(out, result, matcher, show_all=tensors or filter_glob is not None)
 
 
-def _matcher(pattern: str | None) -> Any:
+def _matcher(pattern: str | None) -> Matcher | None:
     if pattern is None:
         return None
     import fnmatch
@@ -127,8 +117,7 @@ def _fact_text(value: Any) -> str:
     return str(value)
 
 
-def _render(out: Any, result: Any, matcher: Any, *, show_all: bool) -> None:
-    from rich.table import Table
+def _render(out: Output, result: Inspection, matcher: Matcher | None, *, show_all: bool) -> None:
     from rich.text import Text
 
     from ckptctl.humanize import format_bytes
@@ -173,19 +162,21 @@ def _render(out: Any, result: Any, matcher: Any, *, show_all: bool) -> None:
         line("  metadata    " + ", ".join(f"{k}={v}" for k, v in meta.items()))
     selected = [t for t in result.tensors if matcher is None or matcher(t.name)]
     shown = selected if show_all else selected[:_SHOWN_BY_DEFAULT]
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("NAME", "DTYPE", "SHAPE", "BYTES", "ROLE"):
-        table.add_column(column, justify="right" if column == "BYTES" else "left", overflow="fold")
-    for tensor in shown:
-        role = tensor.role + (f" = {tensor.alias_of}" if tensor.alias_of else "")
-        table.add_row(
-            *(
-                Text(c)
-                for c in (tensor.name, tensor.dtype, _shape(tensor.shape), format_bytes(tensor.nbytes), role)
-            )
-        )
     if shown:
-        out.print(table)
+        out.table(
+            ("NAME", "DTYPE", "SHAPE", "BYTES", "ROLE"),
+            (
+                (
+                    t.name,
+                    t.dtype,
+                    _shape(t.shape),
+                    format_bytes(t.nbytes),
+                    t.role + (f" = {t.alias_of}" if t.alias_of else ""),
+                )
+                for t in shown
+            ),
+            right=("BYTES",),
+        )
     if len(shown) < len(selected):
         out.info(f"{len(shown)} of {len(selected)} tensors shown; --tensors lists all, --filter GLOB selects")
     for note in result.notes:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ckptctl.cli._options import JsonOpt, QuietOpt, RunArg, SettleOpt, StorageOpt
+
+if TYPE_CHECKING:
+    from ckptctl.catalog.listing import Listing
+    from ckptctl.catalog.model import Unit
+    from ckptctl.cli._output import Cell, Output
 
 
 def list_checkpoints(
@@ -65,8 +70,7 @@ def list_checkpoints(
         _render(out, listing)
 
 
-def _render(out: Any, listing: Any) -> None:
-    from rich.table import Table
+def _render(out: Output, listing: Listing) -> None:
     from rich.text import Text
 
     from ckptctl.catalog.metrics import format_metric
@@ -74,17 +78,15 @@ def _render(out: Any, listing: Any) -> None:
 
     colours = {"complete": "green", "incomplete": "red", "in-progress": "yellow", "unknown": "magenta"}
     runs = listing.scan.runs
-    groups = [(run, [u for u in listing.units if u.run == run]) for run in runs] if len(runs) > 1 else []
+    groups: list[tuple[str | None, list[Unit]]] = (
+        [(run, [u for u in listing.units if u.run == run]) for run in runs] if len(runs) > 1 else []
+    )
     ranked_elsewhere = {u.path for _, units in groups for u in units}
     rest = [u for u in listing.units if u.path not in ranked_elsewhere]
     if groups and rest:
         groups.append((None, rest))
     for run, units in groups or [(None, list(listing.units))]:
-        table = Table(box=None, pad_edge=False, header_style="bold")
-        for column in ("STEP", "STATUS", "SIZE", "AGE", "LAYOUT", "METRICS", "POINTERS", "PATH", "NOTE"):
-            table.add_column(
-                column, justify="right" if column in ("STEP", "SIZE", "AGE") else "left", overflow="fold"
-            )
+        rows: list[list[Cell]] = []
         for unit in units:
             if unit.step is not None:
                 step = f"save {unit.step}" if unit.ordinal == "save" else str(unit.step)
@@ -94,22 +96,27 @@ def _render(out: Any, listing: Any) -> None:
             shown = listing.options.shown_metrics(unit)
             metrics = " ".join(f"{k}={format_metric(v)}" for k, v in sorted(shown.items(), key=_metric_order))
             note = "" if unit.status.value == "complete" else unit.reason
-            # Names and reasons are data from the run: Text, so that "[bold]" or "x[/]" is shown, not parsed.
-            table.add_row(
-                step,
-                Text(unit.status.value, style=colours[unit.status.value]),
-                format_bytes(unit.total_bytes),
-                format_age(age),
-                unit.layout.value,
-                Text(metrics),
-                Text(",".join(unit.pointers)),
-                Text(unit.path or "."),
-                Text(note),
+            rows.append(
+                [
+                    step,
+                    (unit.status.value, colours[unit.status.value]),
+                    format_bytes(unit.total_bytes),
+                    format_age(age),
+                    unit.layout.value,
+                    metrics,
+                    ",".join(unit.pointers),
+                    unit.path or ".",
+                    note,
+                ]
             )
         if groups:
             label = f"run {run or '.'}" if run is not None else "not in any run"
             out.print(Text(f"{label} ({len(units)} shown)", style="bold"))
-        out.print(table)
+        out.table(
+            ("STEP", "STATUS", "SIZE", "AGE", "LAYOUT", "METRICS", "POINTERS", "PATH", "NOTE"),
+            rows,
+            right=("STEP", "SIZE", "AGE"),
+        )
     summary = listing.summary
     several = f" ({len(runs)} runs)" if len(runs) > 1 else ""
     out.info(

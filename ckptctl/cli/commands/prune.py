@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ckptctl.cli._options import DryRunOpt, JsonOpt, QuietOpt, RunArg, SettleOpt, StorageOpt, YesOpt
+from ckptctl.cli._options import (
+    DryRunOpt,
+    JsonOpt,
+    MetricFileOpt,
+    MetricOpt,
+    QuietOpt,
+    RunArg,
+    SettleOpt,
+    StorageOpt,
+    YesOpt,
+)
+
+if TYPE_CHECKING:
+    from ckptctl.catalog.model import Unit
+    from ckptctl.cli._output import Cell, Output
+    from ckptctl.retention.plan import PrunePlan, PruneResult
 
 # How prune spells each keep rule (the core names rules, the command names its flags).
 PRUNE_FLAGS = {
@@ -18,6 +33,12 @@ PRUNE_FLAGS = {
     "keep_every_steps": "--keep-every-steps",
     "keep_within": "--keep-within",
     "keep_steps": "--keep-steps",
+    "pin": "--pin",
+    "metric_file": "--metric-file",
+    "step_key": "--step-key",
+    "max_delete": "--max-delete",
+    "max_delete_bytes": "--max-delete-bytes",
+    "ignore_time_order": "--ignore-time-order",
 }
 
 
@@ -40,23 +61,8 @@ def prune(
         int | None,
         typer.Option("--keep-best", metavar="M", help="Keep the M best complete checkpoints by --metric."),
     ] = None,
-    metric: Annotated[
-        str | None,
-        typer.Option(
-            "--metric",
-            metavar="NAME[:min|max]",
-            help="Metric for --keep-best, e.g. eval_loss (names ending in 'loss' default to min) or eval_acc:max.",
-        ),
-    ] = None,
-    metric_file: Annotated[
-        str | None,
-        typer.Option(
-            "--metric-file",
-            metavar="PATH",
-            help="CSV or JSON Lines file of metrics by step (else HF "
-            "trainer_state.json and name=value in checkpoint names are used).",
-        ),
-    ] = None,
+    metric: MetricOpt = None,
+    metric_file: MetricFileOpt = None,
     step_key: Annotated[str, typer.Option("--step-key", help="The step column of --metric-file.")] = "step",
     keep_every_steps: Annotated[
         int | None,
@@ -162,39 +168,36 @@ def prune(
     from ckptctl.errors import UsageError
     from ckptctl.humanize import parse_duration, parse_size, parse_steps
     from ckptctl.retention.plan import execute, plan_prune
-    from ckptctl.retention.policy import Policy, PolicyError
+    from ckptctl.retention.policy import Policy
     from ckptctl.storage.location import Location, parse_storage_options
     from ckptctl.storage.lock import run_lock
 
-    out = Output.start("prune", json_mode=json_out, quiet=quiet)
+    out = Output.start("prune", json_mode=json_out, quiet=quiet, flags=PRUNE_FLAGS)
     steps = parse_steps(keep_steps) if keep_steps else []
     if incomplete != (older_than is not None):
         raise UsageError("--incomplete and --older-than go together (e.g. --incomplete --older-than 1d)")
-    try:
-        policy = (
-            Policy()
-            if incomplete
-            else Policy.build(
-                keep_last=keep_last,
-                keep_total=keep_total,
-                keep_best=keep_best,
-                metric=metric,
-                keep_every_steps=keep_every_steps,
-                keep_within_seconds=parse_duration(keep_within) if keep_within else None,
-                keep_steps=steps,
-                pinned_steps=pin or [],
-                keep_without_metric=keep_without_metric,
-            )
+    policy = (
+        Policy()
+        if incomplete
+        else Policy.build(
+            keep_last=keep_last,
+            keep_total=keep_total,
+            keep_best=keep_best,
+            metric=metric,
+            keep_every_steps=keep_every_steps,
+            keep_within_seconds=parse_duration(keep_within) if keep_within else None,
+            keep_steps=steps,
+            pinned_steps=pin or [],
+            keep_without_metric=keep_without_metric,
         )
-    except PolicyError as exc:
-        raise exc.for_flags(PRUNE_FLAGS) from None
+    )
     options = parse_storage_options(storage_option or [])
     location = Location.from_url(run, options)
     settle_seconds = parse_duration(settle)
     limit_bytes = parse_size(max_delete_bytes) if max_delete_bytes else None
     metrics_at = Location.from_url(metric_file, options) if metric_file else None
 
-    def make_plan() -> Any:
+    def make_plan() -> PrunePlan:
         return plan_prune(
             location,
             policy,
@@ -224,7 +227,7 @@ def prune(
 
             out.confirm(f"delete {count} checkpoint(s), {format_bytes(plan.bytes_to_free)}?", yes=yes)
 
-        def on_event(kind: str, unit: Any, detail: str) -> None:
+        def on_event(kind: str, unit: Unit, detail: str) -> None:
             out.event(kind, path=unit.path, step=unit.step, bytes=unit.total_bytes, detail=detail)
             if kind == "deleted":
                 out.info(f"deleted {unit.path}")
@@ -243,10 +246,7 @@ def prune(
             )
 
 
-def _show_plan(out: Any, plan: Any) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
+def _show_plan(out: Output, plan: PrunePlan) -> None:
     from ckptctl.humanize import format_bytes
 
     for decision in plan.decisions:
@@ -269,35 +269,35 @@ def _show_plan(out: Any, plan: Any) -> None:
         )
     if out.json_mode or out.quiet:
         return
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("STEP", "ACTION", "SIZE", "STATUS", "REASONS", "PATH"):
-        table.add_column(column, justify="right" if column in ("STEP", "SIZE") else "left", overflow="fold")
     colours = {"keep": "green", "delete": "red", "skip": "yellow"}
-    for decision in plan.decisions:
-        unit = decision.unit
-        table.add_row(
-            str(unit.step) if unit.step is not None else "-",
-            Text(decision.action, style=colours[decision.action]),
-            format_bytes(unit.total_bytes),
-            unit.status.value,
-            Text(", ".join(decision.reasons)),
-            Text(unit.path or "."),
-        )
-    for unit in plan.resume:
-        table.add_row(
-            str(unit.step),
-            Text("delete", style="red"),
-            format_bytes(unit.total_bytes),
-            unit.status.value,
+    rows: list[list[Cell]] = [
+        [
+            str(d.unit.step) if d.unit.step is not None else "-",
+            (d.action, colours[d.action]),
+            format_bytes(d.unit.total_bytes),
+            d.unit.status.value,
+            ", ".join(d.reasons),
+            d.unit.path or ".",
+        ]
+        for d in plan.decisions
+    ]
+    rows += [
+        [
+            str(u.step),
+            ("delete", "red"),
+            format_bytes(u.total_bytes),
+            u.status.value,
             "finishing an interrupted prune",
-            Text(unit.path),
-        )
-    out.print(table)
+            u.path,
+        ]
+        for u in plan.resume
+    ]
+    out.table(("STEP", "ACTION", "SIZE", "STATUS", "REASONS", "PATH"), rows, right=("STEP", "SIZE"))
     for note in plan.notes:
         out.warn(note)
 
 
-def _summary(out: Any, plan: Any, result: Any, *, dry_run: bool) -> None:
+def _summary(out: Output, plan: PrunePlan, result: PruneResult | None, *, dry_run: bool) -> None:
     from ckptctl.humanize import format_bytes
 
     kept = sum(1 for d in plan.decisions if d.action != "delete")

@@ -8,7 +8,20 @@ from typing import Annotated, Any
 
 import typer
 
-from ckptctl.cli._options import DryRunOpt, JsonOpt, QuietOpt, RunArg, SettleOpt, StorageOpt
+from ckptctl.cli._options import (
+    DryRunOpt,
+    JobsOpt,
+    JsonOpt,
+    LatestOpt,
+    MetricFileOpt,
+    MetricOpt,
+    QuietOpt,
+    RunArg,
+    SettleOpt,
+    StepOpt,
+    StepsOpt,
+    StorageOpt,
+)
 
 tier_app = typer.Typer(
     name="tier",
@@ -19,12 +32,13 @@ tier_app = typer.Typer(
     rich_markup_mode=None,
 )
 
-JobsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--jobs", "-j", metavar="N", help="Parallel streams (files and parts); default 2 per core, 4-16."
-    ),
-]
+# How tier push spells the keep rules and settings of its freeing of local copies (prune's rules).
+FREE_FLAGS = {
+    "keep_last": "--keep-local-last",
+    "keep_best": "--keep-local-best",
+    "metric": "--metric",
+    "metric_file": "--metric-file",
+}
 
 
 @contextlib.contextmanager
@@ -55,10 +69,7 @@ def push(
             help="The remote run folder, e.g. s3://bucket/runs/run42 (mirrors RUN's layout).",
         ),
     ],
-    steps: Annotated[
-        str | None,
-        typer.Option("--steps", metavar="S1,S2", help="Only these steps (default: every complete one)."),
-    ] = None,
+    steps: StepsOpt = None,
     min_age: Annotated[
         str | None,
         typer.Option(
@@ -77,18 +88,8 @@ def push(
         int | None,
         typer.Option("--keep-local-best", metavar="M", help="... and except the M best by --metric."),
     ] = None,
-    metric: Annotated[
-        str | None,
-        typer.Option(
-            "--metric", metavar="NAME[:min|max]", help="Metric for --keep-local-best, e.g. eval_loss."
-        ),
-    ] = None,
-    metric_file: Annotated[
-        str | None,
-        typer.Option(
-            "--metric-file", metavar="PATH", help="CSV or JSON Lines metrics by step (column 'step')."
-        ),
-    ] = None,
+    metric: MetricOpt = None,
+    metric_file: MetricFileOpt = None,
     jobs: JobsOpt = None,
     part_size: Annotated[
         str, typer.Option("--part-size", metavar="SIZE", help="S3 multipart part size (at least 5MiB).")
@@ -122,8 +123,8 @@ def push(
     """
     from ckptctl.cli._output import Output
     from ckptctl.errors import PartialFailureError, UsageError
-    from ckptctl.humanize import format_bytes, parse_duration, parse_size
-    from ckptctl.retention.policy import Policy, PolicyError
+    from ckptctl.humanize import format_bytes, parse_duration, parse_size, parse_steps
+    from ckptctl.retention.policy import Policy
     from ckptctl.storage.location import Location, parse_storage_options
     from ckptctl.storage.lock import run_lock
     from ckptctl.storage.transfer import MIN_PART_SIZE
@@ -131,27 +132,20 @@ def push(
     from ckptctl.tiering.push import PushOptions, check_target, default_jobs
     from ckptctl.tiering.push import push as run_push
 
-    out = Output.start("tier push", json_mode=json_out, quiet=quiet)
+    out = Output.start("tier push", json_mode=json_out, quiet=quiet, flags=FREE_FLAGS)
     options = parse_storage_options(storage_option or [])
     local = Location.from_url(run)
     remote = Location.from_url(to, options)
     policy = None
     if keep_local_last is not None or keep_local_best is not None:
-        try:
-            policy = Policy.build(keep_last=keep_local_last, keep_best=keep_local_best, metric=metric)
-        except PolicyError as exc:
-            raise exc.for_flags(
-                {"keep_last": "--keep-local-last", "keep_best": "--keep-local-best", "metric": "--metric"}
-            ) from None
+        policy = Policy.build(keep_last=keep_local_last, keep_best=keep_local_best, metric=metric)
     elif metric or metric_file:
         raise UsageError("--metric and --metric-file go with --keep-local-best")
     parts = parse_size(part_size)
     if not MIN_PART_SIZE <= parts <= MAX_PART_SIZE:
         raise UsageError(f"--part-size must be 5MiB to 5GiB (S3's limits), got {part_size}")
-    if jobs is not None and jobs < 1:
-        raise UsageError("--jobs must be at least 1")
     push_options = PushOptions(
-        steps=_parse_steps(steps) if steps else None,
+        steps=frozenset(parse_steps(steps, allow_empty=False)) if steps is not None else None,
         min_age_seconds=parse_duration(min_age) if min_age else None,
         settle_seconds=parse_duration(settle),
         jobs=jobs or default_jobs(),
@@ -207,11 +201,8 @@ def push(
         if dry_run:
             for unit in plan.to_delete:
                 out.info(f"would free local {unit.path} ({format_bytes(unit.total_bytes)})")
-    counts = {
-        kind: sum(1 for o in result.outcomes if o.action == kind)
-        for kind in ("uploaded", "already", "would-upload", "failed")
-    }
-    freed = result.freed.deleted if result.freed else []
+    counts = result.counts
+    freed = result.freed_units
     out.event(
         "summary",
         dry_run=dry_run,
@@ -252,14 +243,9 @@ def pull(
             help="--step/--latest: the new folder (or file) to create. --steps/--all: the run folder to fill.",
         ),
     ],
-    step: Annotated[int | None, typer.Option("--step", metavar="N", help="The step to fetch.")] = None,
-    latest: Annotated[bool, typer.Option("--latest", help="Fetch the highest tiered step.")] = False,
-    steps: Annotated[
-        str | None,
-        typer.Option(
-            "--steps", metavar="S1,S2", help="Fetch these steps into DEST at their paths in the run."
-        ),
-    ] = None,
+    step: StepOpt = None,
+    latest: LatestOpt = False,
+    steps: StepsOpt = None,
     all_steps: Annotated[
         bool, typer.Option("--all", help="Fetch every tiered checkpoint into DEST at its path in the run.")
     ] = False,
@@ -270,7 +256,7 @@ def pull(
 ) -> None:
     """Download tiered checkpoints, verify every file against its manifest, then rename each into place.
 
-    With --step or --latest, DEST is the checkpoint itself (it must not exist). With --steps or --all, DEST is a
+    With --step or --latest (the highest tiered step), DEST is the checkpoint itself (it must not exist). With --steps or --all, DEST is a
     run folder: each checkpoint lands at its path in the run (DEST/checkpoint-900/...), and one already there is
     left alone, so a re-run finishes an interrupted restore. The remote run's pointer files (DeepSpeed latest)
     come too where the checkpoint they name is now in DEST and DEST has no such pointer of its own.
@@ -294,6 +280,7 @@ def pull(
     """
     from ckptctl.cli._output import Output
     from ckptctl.errors import UsageError
+    from ckptctl.humanize import parse_steps
     from ckptctl.storage.location import Location, parse_storage_options
     from ckptctl.tiering.pull import pull as run_pull
     from ckptctl.tiering.pull import pull_run
@@ -302,8 +289,6 @@ def pull(
     out = Output.start("tier pull", json_mode=json_out, quiet=quiet)
     if sum((step is not None, latest, steps is not None, all_steps)) != 1:
         raise UsageError("give exactly one of --step N, --latest, --steps S1,S2 and --all")
-    if jobs is not None and jobs < 1:
-        raise UsageError("--jobs must be at least 1")
     remote = Location.from_url(url, parse_storage_options(storage_option or []))
     with _bars(out, 0) as advance:
         current = [""]
@@ -325,7 +310,7 @@ def pull(
                 on_manifest=on_manifest,
             )
         else:
-            chosen = _parse_steps(steps) if steps is not None else None
+            chosen = frozenset(parse_steps(steps, allow_empty=False)) if steps is not None else None
             many = pull_run(
                 remote,
                 dest,
@@ -338,18 +323,6 @@ def pull(
         _report_pulled(out, result)
         return
     _report_run_pull(out, remote.url, dest, many)
-
-
-def _parse_steps(text: str) -> frozenset[int]:
-    from ckptctl.errors import UsageError
-
-    try:
-        chosen = frozenset(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise UsageError(f"--steps takes step numbers separated by commas, got {text!r}") from None
-    if not chosen:
-        raise UsageError("--steps names no step")
-    return chosen
 
 
 def _pulled_record(result: Any) -> dict[str, Any]:
@@ -385,7 +358,6 @@ def _report_pulled(out: Any, result: Any) -> None:
 
 
 def _report_run_pull(out: Any, url: str, dest: str, many: Any) -> None:
-    from ckptctl.cli._output import write_error_line
     from ckptctl.errors import PartialFailureError
     from ckptctl.humanize import format_bytes
 
@@ -419,16 +391,16 @@ def _report_run_pull(out: Any, url: str, dest: str, many: Any) -> None:
         + f"), {len(present)} already present"
         + (f", {len(failed)} failed" if failed else "")
     )
-    if not failed:
-        out.result(data)
-        return
-    error = PartialFailureError(
-        f"{len(failed)} checkpoint(s) not pulled (first: {failed[0]['unit']}: {failed[0]['message']})",
-        url=url,
-    )
-    out.result(data, status="error", exit_code=int(error.exit_code), errors=failed)
-    write_error_line(error)
-    raise typer.Exit(int(error.exit_code))
+    if failed:
+        out.fail(
+            PartialFailureError(
+                f"{len(failed)} checkpoint(s) not pulled (first: {failed[0]['unit']}: {failed[0]['message']})",
+                url=url,
+            ),
+            data,
+            errors=failed,
+        )
+    out.result(data)
 
 
 @tier_app.command("status")
@@ -457,10 +429,7 @@ def status(
 
       ckptctl tier status /nvme/run42 --remote s3://bucket/runs/run42
     """
-    from rich.table import Table
-    from rich.text import Text
-
-    from ckptctl.cli._output import Output, write_error_line
+    from ckptctl.cli._output import Output
     from ckptctl.errors import IntegrityError
     from ckptctl.humanize import format_bytes, parse_duration
     from ckptctl.storage.location import Location, parse_storage_options
@@ -485,30 +454,24 @@ def status(
             url=remote_url,
         )
     data = {"run": run, "remote": remote_url, "units": [r.to_dict() for r in rows]}
-    if error is None:
-        out.result(data)
-    else:
-        out.result(data, status="error", exit_code=8, errors=[{"code": error.code, "message": error.message}])
-    if not out.json_mode:
-        table = Table(box=None, pad_edge=False, header_style="bold")
-        for column in ("STEP", "WHERE", "LOCAL", "REMOTE", "SIZE", "PATH"):
-            table.add_column(
-                column, justify="right" if column in ("STEP", "SIZE") else "left", overflow="fold"
-            )
-        for row in rows:
-            # Paths and states are data from the run and the store: Text, so "x[/]" is shown, never parsed.
-            table.add_row(
+    out.table(
+        ("STEP", "WHERE", "LOCAL", "REMOTE", "SIZE", "PATH"),
+        (
+            (
                 str(row.step) if row.step is not None else "-",
                 row.where,
-                Text(row.local or "-"),
-                Text(row.remote),
+                row.local or "-",
+                row.remote,
                 format_bytes(max(row.local_bytes, row.remote_bytes)),
-                Text(row.path or "."),
+                row.path or ".",
             )
-        out.print(table)
-        for row in rows:
-            for problem in row.problems[:3]:
-                out.warn(f"{row.path}: {problem}")
+            for row in rows
+        ),
+        right=("STEP", "SIZE"),
+    )
+    for row in rows:
+        for problem in row.problems[:3]:
+            out.warn(f"{row.path}: {problem}")
     if error is not None:
-        write_error_line(error)
-        raise typer.Exit(int(error.exit_code))
+        out.fail(error, data)
+    out.result(data)
