@@ -62,6 +62,11 @@ COMMANDS: dict[str, CommandEntry] = {
         "extract_lora",
         "Write a PEFT adapter (adapter_config.json + adapter_model.safetensors) out of a checkpoint or by SVD.",
     ),
+    "advise": CommandEntry(
+        "ckptctl.cli.commands.advise",
+        "advise",
+        "Advise how often a run should save: Young's and Daly's intervals, the time lost, the storage it takes.",
+    ),
     "tier": CommandEntry(
         "ckptctl.cli.commands.tier",
         "tier_app",
