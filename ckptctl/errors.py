@@ -68,16 +68,15 @@ class CkptctlError(Exception):
         return error
 
     def for_flags(self: _E, flags: Mapping[str, str]) -> _E:
-        """The same error naming ``flags[setting]`` for each setting (unmapped ones keep their own name)."""
+        """The same error naming ``flags[setting]`` for each setting (unmapped ones keep their own name). The
+        worded copy is final: a second wording (``Output.error`` with the command's flags) leaves it as it is."""
         if self.templates is None:
             return self
         template, hint = self.templates
         names = _SettingNames(flags)
-        worded = type(self)(
+        return type(self)(
             template.format_map(names), url=self.url, hint=None if hint is None else hint.format_map(names)
         )
-        worded.templates = self.templates
-        return worded
 
 
 class UsageError(CkptctlError):

@@ -11,7 +11,7 @@ from ckptctl.catalog.model import RunScan, Status, Unit
 from ckptctl.catalog.scan import scan_run
 from ckptctl.errors import UsageError
 from ckptctl.humanize import parse_duration
-from ckptctl.storage.location import Location, parse_storage_options
+from ckptctl.storage.location import Location
 
 SORT_KEYS = ("step", "size", "age", "name", "status")
 # Logged numbers that describe the evaluation run rather than the model: hidden unless asked for.
@@ -165,9 +165,8 @@ def _sort_value(unit: Unit, key: str, now: float) -> tuple[Any, ...]:
     return (unit.step is None, unit.step if unit.step is not None else 0, unit.epoch or 0, unit.path)
 
 
-def list_run(url: str, options: ListOptions, *, storage_options: Sequence[str] = ()) -> Listing:
-    """Scan the run at ``url`` and return its units filtered and ordered as ``options`` say."""
-    location = Location.from_url(url, parse_storage_options(storage_options))
+def list_run(location: Location, options: ListOptions) -> Listing:
+    """Scan the run and return its units filtered and ordered as ``options`` say."""
     now = time.time()
     scan = scan_run(location, settle_seconds=options.settle_seconds, now=now)
     units = [u for u in scan.units if not options.statuses or u.status in options.statuses]

@@ -43,7 +43,7 @@ def test_success_envelope(tmp_path: Path) -> None:
         0,
         [],
     )
-    assert set(payload["data"]) == {"run", "runs", "units", "pointers", "warnings", "summary"}
+    assert set(payload["data"]) == {"run", "runs", "units", "pointers", "warnings", "summary", "policy"}
     assert set(payload["data"]["units"][0]) == UNIT_KEYS
 
 

@@ -61,13 +61,28 @@ def list_checkpoints(
     """
     from ckptctl.catalog.listing import ListOptions, list_run
     from ckptctl.cli._output import Output
+    from ckptctl.errors import CkptctlError
+    from ckptctl.retention.each_run import PruneSettings, rules_for_run
+    from ckptctl.retention.policy_files import PolicyFinder
+    from ckptctl.storage.location import Location, parse_storage_options
 
     out = Output.start("list", json_mode=json_out, quiet=quiet)
     options = ListOptions.parse(sort=sort, limit=limit, statuses=status or [], settle=settle, metrics=metrics)
-    listing = list_run(run, options, storage_options=storage_option or [])
-    out.result(listing.to_dict())
+    location = Location.from_url(run, parse_storage_options(storage_option or []))
+    listing = list_run(location, options)
+    # The rules a prune of this run would follow, and where each is written (a broken file is said, not fatal).
+    data = listing.to_dict()
+    try:
+        data["policy"] = rules_for_run(location, PruneSettings(), PolicyFinder()).describe()
+    except CkptctlError as exc:
+        data["policy"] = []
+        data["warnings"].append(f"policy file: {exc.message}")
+        out.warn(f"policy file: {exc.message}")
+    out.result(data)
     if not json_out:
         _render(out, listing)
+        for rule in data["policy"]:
+            out.info(f"rule {rule['setting']} = {rule['value']} (from {rule['from']})")
 
 
 def _render(out: Output, listing: Listing) -> None:

@@ -14,7 +14,6 @@ from ckptctl.cli._options import (
     MetricOpt,
     QuietOpt,
     RunArg,
-    SettleOpt,
     StorageOpt,
     YesOpt,
 )
@@ -22,7 +21,10 @@ from ckptctl.cli._options import (
 if TYPE_CHECKING:
     from ckptctl.catalog.model import Unit
     from ckptctl.cli._output import Cell, Output
+    from ckptctl.retention.each_run import PruneSettings, RunOutcome
     from ckptctl.retention.plan import PrunePlan, PruneResult
+    from ckptctl.retention.policy_files import RunRules
+    from ckptctl.storage.location import Location
 
 # How prune spells each keep rule (the core names rules, the command names its flags).
 PRUNE_FLAGS = {
@@ -63,7 +65,9 @@ def prune(
     ] = None,
     metric: MetricOpt = None,
     metric_file: MetricFileOpt = None,
-    step_key: Annotated[str, typer.Option("--step-key", help="The step column of --metric-file.")] = "step",
+    step_key: Annotated[
+        str | None, typer.Option("--step-key", help="The step column of --metric-file (default: step).")
+    ] = None,
     keep_every_steps: Annotated[
         int | None,
         typer.Option(
@@ -131,7 +135,21 @@ def prune(
             help="With --incomplete: only those whose newest file is older than this (e.g. 1d).",
         ),
     ] = None,
-    settle: SettleOpt = "10m",
+    each_run: Annotated[
+        bool,
+        typer.Option(
+            "--each-run",
+            help="RUN is a root: prune every run under it by its own .ckptctl.toml rules and the flags given.",
+        ),
+    ] = False,
+    settle: Annotated[
+        str | None,
+        typer.Option(
+            "--settle",
+            metavar="DURATION",
+            help="A checkpoint whose newest file is younger than this is in progress and kept (default 10m).",
+        ),
+    ] = None,
     dry_run: DryRunOpt = False,
     yes: YesOpt = False,
     json_out: JsonOpt = False,
@@ -164,51 +182,73 @@ def prune(
 
       ckptctl prune /data/run42 --incomplete --older-than 1d      # clean up crashed, half-written saves
     """
+    from ckptctl.catalog.scan import DEFAULT_SETTLE_SECONDS
     from ckptctl.cli._output import Output
     from ckptctl.errors import UsageError
     from ckptctl.humanize import parse_duration, parse_size, parse_steps
+    from ckptctl.retention.each_run import PruneSettings, plan_run, rules_for_run, settle_seconds
     from ckptctl.retention.plan import execute, plan_prune
     from ckptctl.retention.policy import Policy
+    from ckptctl.retention.policy_files import PolicyFinder, Setting
     from ckptctl.storage.location import Location, parse_storage_options
     from ckptctl.storage.lock import run_lock
 
     out = Output.start("prune", json_mode=json_out, quiet=quiet, flags=PRUNE_FLAGS)
-    steps = parse_steps(keep_steps) if keep_steps else []
     if incomplete != (older_than is not None):
         raise UsageError("--incomplete and --older-than go together (e.g. --incomplete --older-than 1d)")
-    policy = (
-        Policy()
-        if incomplete
-        else Policy.build(
-            keep_last=keep_last,
-            keep_total=keep_total,
-            keep_best=keep_best,
-            metric=metric,
-            keep_every_steps=keep_every_steps,
-            keep_within_seconds=parse_duration(keep_within) if keep_within else None,
-            keep_steps=steps,
-            pinned_steps=pin or [],
-            keep_without_metric=keep_without_metric,
-        )
-    )
-    options = parse_storage_options(storage_option or [])
-    location = Location.from_url(run, options)
-    settle_seconds = parse_duration(settle)
+    if each_run and incomplete:
+        raise UsageError("--each-run prunes by keep rules; clean up half-written saves one run at a time")
+    settle_given = parse_duration(settle) if settle is not None else None
     limit_bytes = parse_size(max_delete_bytes) if max_delete_bytes else None
-    metrics_at = Location.from_url(metric_file, options) if metric_file else None
+    given: dict[str, object] = {
+        "keep-last": keep_last,
+        "keep-total": keep_total,
+        "keep-best": keep_best,
+        "metric": metric,
+        "metric-file": metric_file,
+        "step-key": step_key,
+        "keep-every-steps": keep_every_steps,
+        "keep-within": parse_duration(keep_within) if keep_within else None,
+        "keep-steps": tuple(parse_steps(keep_steps)) if keep_steps else None,
+        "max-delete": max_delete,
+        "max-delete-bytes": limit_bytes,
+        "settle": settle_given,
+    }
+    options = parse_storage_options(storage_option or [])
+    settings = PruneSettings(
+        flags={key: Setting(value, f"--{key}") for key, value in given.items() if value is not None},
+        flag_names=PRUNE_FLAGS,
+        pinned_steps=tuple(pin or ()),
+        keep_without_metric=keep_without_metric,
+        check_time_order=not ignore_time_order,
+        storage_options=options,
+    )
+    location = Location.from_url(run, options)
+    if each_run:
+        _prune_each_run(out, location, settings, dry_run=dry_run, yes=yes)
+        return
+    if incomplete:
+        settle_for = settle_given if settle_given is not None else DEFAULT_SETTLE_SECONDS
 
-    def make_plan() -> PrunePlan:
-        return plan_prune(
-            location,
-            policy,
-            settle_seconds=settle_seconds,
-            metric_file=metrics_at,
-            step_key=step_key,
-            max_delete=max_delete,
-            max_delete_bytes=limit_bytes,
-            check_time_order=not ignore_time_order,
-            incomplete_older_than=parse_duration(older_than) if older_than else None,
-        )
+        def make_plan() -> PrunePlan:
+            return plan_prune(
+                location,
+                Policy(),
+                settle_seconds=settle_for,
+                max_delete=max_delete,
+                max_delete_bytes=limit_bytes,
+                incomplete_older_than=parse_duration(older_than or "0"),
+            )
+
+    else:
+        rules = rules_for_run(location, settings, PolicyFinder())
+        out.flags = rules.names(PRUNE_FLAGS)
+        rules.policy()  # a rule that cannot be built is refused before the run is locked
+        _show_rules(out, rules)
+        settle_for = settle_seconds(rules)
+
+        def make_plan() -> PrunePlan:
+            return plan_run(location, rules, settings)
 
     if dry_run:
         plan = make_plan()
@@ -234,7 +274,7 @@ def prune(
             elif kind in ("skipped", "error"):
                 out.warn(f"{kind} {unit.path}: {detail}")
 
-        result = execute(plan, location, settle_seconds=settle_seconds, on_event=on_event)
+        result = execute(plan, location, settle_seconds=settle_for, on_event=on_event)
         _summary(out, plan, result, dry_run=False)
         if result.failed:
             from ckptctl.errors import PartialFailureError
@@ -332,3 +372,114 @@ def _summary(out: Output, plan: PrunePlan, result: PruneResult | None, *, dry_ru
     out.info(
         f"deleted {len(result.deleted)} checkpoint(s), freed {format_bytes(result.freed_bytes)}; kept {kept}"
     )
+
+
+def _show_rules(out: Output, rules: RunRules) -> None:
+    """Which rule came from where: a policy file's line, or a flag."""
+    described = rules.describe()
+    out.event("rules", rules=described)
+    for entry in described:
+        if not entry["from"].startswith("--"):
+            out.info(f"rule {entry['setting']} = {entry['value']} (from {entry['from']})")
+
+
+def _prune_each_run(
+    out: Output, root: Location, settings: PruneSettings, *, dry_run: bool, yes: bool
+) -> None:
+    """``--each-run``: every run by its own rules; one run's failure is reported and the rest still done."""
+    from collections import Counter
+
+    from ckptctl.errors import PartialFailureError
+    from ckptctl.humanize import format_bytes
+    from ckptctl.retention.each_run import prune_each_run
+
+    if not dry_run and sys.stdin.isatty() and not yes:
+        preview = prune_each_run(root, settings, dry_run=True)
+        _show_runs(out, preview.outcomes, dry_run=True)
+        count = sum(len(o.plan.to_delete) + len(o.plan.resume) for o in preview.outcomes if o.plan)
+        out.confirm(
+            f"delete {count} checkpoint(s) in {len(preview.outcomes)} run(s) by their rules?", yes=yes
+        )
+
+    def on_outcome(outcome: RunOutcome) -> None:
+        out.event("run", **outcome.to_dict())
+        if dry_run and outcome.plan is not None:
+            for unit in outcome.plan.to_delete:
+                out.info(
+                    f"would delete {outcome.run}/{unit.path}" if outcome.run else f"would delete {unit.path}"
+                )
+        if outcome.action == "failed" and outcome.error is not None:
+            out.warn(f"run {outcome.run or '.'}: {outcome.error.message}")
+
+    def on_event(kind: str, run: str, unit: Unit, detail: str) -> None:
+        path = f"{run}/{unit.path}" if run else unit.path
+        out.event(kind, run=run, path=unit.path, step=unit.step, bytes=unit.total_bytes, detail=detail)
+        if kind == "deleted":
+            out.info(f"deleted {path}")
+        elif kind in ("skipped", "error"):
+            out.warn(f"{kind} {path}: {detail}")
+
+    result = prune_each_run(root, settings, dry_run=dry_run, on_outcome=on_outcome, on_event=on_event)
+    _show_runs(out, result.outcomes, dry_run=dry_run)
+    by_action = Counter(o.action.replace("-", "_") for o in result.outcomes)
+    freed = sum(o.result.freed_bytes for o in result.outcomes if o.result)
+    summary: dict[str, object] = {
+        "root": root.url,
+        "dry_run": dry_run,
+        "runs": len(result.outcomes),
+        **by_action,
+    }
+    out.event("summary", **summary, freed_bytes=freed)
+    out.info(
+        f"{len(result.outcomes)} run(s): "
+        + ", ".join(f"{n} {action}" for action, n in sorted(by_action.items()))
+        + ("" if dry_run else f"; freed {format_bytes(freed)}")
+        + (" (dry run: nothing changed)" if dry_run else "")
+    )
+    if result.failed:
+        out.fail(
+            PartialFailureError(
+                f"{len(result.failed)} of {len(result.outcomes)} run(s) failed ("
+                + ", ".join(o.run or "." for o in result.failed[:5])
+                + (", ..." if len(result.failed) > 5 else "")
+                + f"; each is named above); the others were {'planned' if dry_run else 'done'}",
+                url=root.url,
+            ),
+            {**summary, "outcomes": [o.to_dict() for o in result.outcomes]},
+            errors=[
+                {"run": o.run, "code": o.error.code, "message": o.error.message}
+                for o in result.failed
+                if o.error is not None
+            ],
+        )
+
+
+def _show_runs(out: Output, outcomes: list[RunOutcome], *, dry_run: bool) -> None:
+    """One row per run: what was (or would be) done, and which rules from where."""
+    from ckptctl.humanize import format_bytes
+
+    if out.quiet:
+        return
+    colours = {"pruned": "red", "planned": "yellow", "failed": "red", "no-policy": "magenta"}
+    rows: list[list[Cell]] = []
+    for o in outcomes:
+        doomed = (o.result.deleted if o.result else list(o.plan.to_delete) if o.plan else []) or []
+        size = o.result.freed_bytes if o.result else o.plan.bytes_to_free if o.plan else 0
+        rules = ", ".join(f"{r['setting']}={r['value']}" for r in (o.rules.describe() if o.rules else []))
+        note = (
+            o.error.message
+            if o.error
+            else ("no rule in a policy file or a flag: left alone" if o.action == "no-policy" else "")
+        )
+        rows.append(
+            [
+                o.run or ".",
+                (o.action, colours.get(o.action, "green")),
+                str(len(doomed)),
+                format_bytes(size),
+                rules,
+                note,
+            ]
+        )
+    verb = "TO DELETE" if dry_run else "DELETED"
+    out.table(("RUN", "ACTION", verb, "SIZE", "RULES", "NOTE"), rows, right=(verb, "SIZE"))
