@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from ckptctl.catalog.listing import Listing
     from ckptctl.catalog.model import Unit
     from ckptctl.cli._output import Cell, Output
+    from ckptctl.retention.policy_files import RunRules
 
 
 def list_checkpoints(
@@ -39,6 +40,14 @@ def list_checkpoints(
             "'all' for every logged number, or a comma-separated list of names.",
         ),
     ] = "",
+    chart: Annotated[
+        str | None,
+        typer.Option(
+            "--chart",
+            metavar="NAME[:min|max]",
+            help="Draw this metric by step, the best checkpoint and those the run's rules keep marked.",
+        ),
+    ] = None,
     settle: SettleOpt = "10m",
     storage_option: StorageOpt = None,
 ) -> None:
@@ -72,8 +81,10 @@ def list_checkpoints(
     listing = list_run(location, options)
     # The rules a prune of this run would follow, and where each is written (a broken file is said, not fatal).
     data = listing.to_dict()
+    rules = None
     try:
-        data["policy"] = rules_for_run(location, PruneSettings(), PolicyFinder()).describe()
+        rules = rules_for_run(location, PruneSettings(), PolicyFinder())
+        data["policy"] = rules.describe()
     except CkptctlError as exc:
         data["policy"] = []
         data["warnings"].append(f"policy file: {exc.message}")
@@ -83,6 +94,8 @@ def list_checkpoints(
         _render(out, listing)
         for rule in data["policy"]:
             out.info(f"rule {rule['setting']} = {rule['value']} (from {rule['from']})")
+        if chart:
+            _chart(out, listing, chart, rules)
 
 
 def _render(out: Output, listing: Listing) -> None:
@@ -145,3 +158,38 @@ def _render(out: Output, listing: Listing) -> None:
 def _metric_order(item: tuple[str, float]) -> tuple[int, str]:
     name = item[0]
     return (0 if name.startswith("eval") else 1 if "loss" in name else 2, name)
+
+
+def _chart(out: Output, listing: Listing, metric: str, rules: RunRules | None) -> None:
+    """The metric curve: the best complete checkpoint by ``metric`` (``B``), those the run's rules would keep
+    (``k``; none without rules). Drawn after the table; ``--json`` carries the numbers instead."""
+    from rich.text import Text
+
+    from ckptctl.catalog.model import Status
+    from ckptctl.cli._chart import BEST, KEPT, OTHER, Point, metric_chart
+    from ckptctl.errors import CkptctlError
+    from ckptctl.retention.policy import Policy, decide
+
+    ranking = Policy.build(keep_best=1, metric=metric)  # the metric's name and whether lower is better
+    name = ranking.metric or metric
+    drawn = [
+        u
+        for u in listing.scan.units
+        if u.status is Status.COMPLETE and u.step is not None and name in u.metrics
+    ]
+    if not drawn:
+        out.warn(f"--chart {metric}: no complete checkpoint has a value for {name!r}")
+        return
+    best = {d.unit.path for d in decide(drawn, ranking) if any(r.startswith("best#") for r in d.reasons)}
+    kept: set[str] = set()
+    if rules is not None and rules.has_keep_rule:
+        try:
+            kept = {d.unit.path for d in decide(listing.scan.units, rules.policy()) if d.action == "keep"}
+        except CkptctlError as exc:
+            out.warn(f"--chart: the run's rules cannot be used ({exc.message})")
+    points = [
+        Point(u.step or 0, u.metrics[name], BEST if u.path in best else KEPT if u.path in kept else OTHER)
+        for u in drawn
+    ]
+    for line in metric_chart(points, name=name):
+        out.print(Text(line))
