@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptctl.errors import CkptctlError, UsageError, literal
+from ckptctl.errors import CkptctlError, PermissionDeniedError, UsageError, literal
 from ckptctl.humanize import parse_duration, parse_size, parse_steps
 from ckptctl.retention.policy import Policy
 from ckptctl.storage.location import Location, is_url
@@ -210,11 +210,19 @@ class PolicyFinder:
 
     _seen: dict[str, PolicyFile | None] = field(default_factory=dict)
 
-    def file_in(self, folder: Location) -> PolicyFile | None:
+    def file_in(self, folder: Location, *, above_run: bool = False) -> PolicyFile | None:
+        """The folder's policy file, if it has one. A folder above the run that we may not look into holds no
+        rules for us; a file we can see but not read is an error, as is anything that is not a regular file."""
         key = folder.url_of(POLICY_FILE)
         if key not in self._seen:
             self._seen[key] = None
-            if folder.exists(POLICY_FILE):
+            try:
+                present = folder.exists(POLICY_FILE)
+            except PermissionDeniedError:
+                if not above_run:
+                    raise
+                present = False
+            if present:
                 data = folder.read_bytes(POLICY_FILE, max_bytes=POLICY_FILE_LIMIT)
                 self._seen[key] = parse_policy_file(data, key)
         return self._seen[key]
@@ -225,7 +233,7 @@ class PolicyFinder:
         found: list[tuple[PolicyFile, str]] = []
         here, below = run, ""
         for _ in range(MAX_LEVELS):
-            policy = self.file_in(here)
+            policy = self.file_in(here, above_run=here is not run)
             if policy is not None:
                 found.append((policy, below))
             if (root is not None and here.root == root.root) or here.at_top:
