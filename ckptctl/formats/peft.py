@@ -67,12 +67,58 @@ def _patterns(
     return compiled, problems
 
 
+MAX_PATTERN_CHARS = 4096
+
+
 def _compiled(pattern: str) -> re.Pattern[str] | str:
-    """The compiled pattern, or why it does not compile (``re`` raises more than re.error on hostile input)."""
+    """The compiled pattern, or why it is refused: it does not compile (``re`` raises more than re.error on
+    hostile input), or it could take exponential time to match a module name (see ``_backtracks``)."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"longer than {MAX_PATTERN_CHARS} characters"
     try:
-        return re.compile(pattern)
+        compiled = re.compile(pattern)
+        risky = _backtracks(pattern)
     except (re.error, RecursionError, OverflowError, ValueError) as exc:
         return str(exc)
+    return f"it could take exponential time to match ({risky}); spell it without that" if risky else compiled
+
+
+def _backtracks(pattern: str) -> str | None:
+    r"""What makes a regex backtrack exponentially, if anything: a repeat inside a repeat (``(a+)+``), an
+    alternation under a repeat (``(a|ab)*``) or a backreference. Python's ``re`` has no time limit, so a
+    crafted ``rank_pattern`` could hang extract-lora on one module name; PEFT's own keys (module paths,
+    ``q_proj|v_proj``, ``layers\.\d+\.mlp``) never have these shapes."""
+    try:
+        from re import _parser as parser  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse as parser  # type: ignore[no-redef]
+
+    def walk(items: Any, repeated: bool) -> str | None:
+        for op, arg in items:
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                _low, high, sub = arg
+                many = high is parser.MAXREPEAT or high > 1
+                if many and repeated:
+                    return "a repeat inside a repeat"
+                found = walk(sub, repeated or many)
+            elif name == "SUBPATTERN":
+                found = walk(arg[-1], repeated)
+            elif name == "BRANCH":
+                if repeated:
+                    return "an alternation under a repeat"
+                found = next((f for f in (walk(b, repeated) for b in arg[1]) if f), None)
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                found = walk(arg[1], repeated)
+            elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+                return "a backreference"
+            else:
+                found = None
+            if found:
+                return found
+        return None
+
+    return walk(parser.parse(pattern), False)
 
 
 def _positive_int(value: Any) -> bool:

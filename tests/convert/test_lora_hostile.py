@@ -79,6 +79,11 @@ BAD_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "use-rslora-a-string": ({"use_rslora": "yes"}, "use_rslora"),
     "lora-dropout-over-one": ({"lora_dropout": 5}, "lora_dropout"),
     "task-type-an-object": ({"task_type": {"x": 1}}, "task_type"),
+    # Shapes whose matching time explodes on a near-miss module name: refused before any name is matched.
+    "rank-pattern-nested-repeat": ({"rank_pattern": {"(q+)+_proj": 4}}, "exponential time"),
+    "alpha-pattern-alternation-repeat": ({"alpha_pattern": {"(a|ab)*z": 4}}, "exponential time"),
+    "target-modules-nested-repeat": ({"target_modules": "(.*a){20}x"}, "exponential time"),
+    "rank-pattern-backreference": ({"rank_pattern": {"(q)\\1": 4}}, "backreference"),
 }
 
 
