@@ -4,7 +4,12 @@ Generates a ~183M-parameter bf16 ZeRO checkpoint (stages 2 and 3, 2 ranks) with 
 shared/fixtures/zero/gen at bench time, then, cold cache (posix_fadvise DONTNEED on the inputs) before each run:
 ckptctl, zero_to_fp32 (in a scratch venv with DeepSpeed, never the project's), and the floor (read just the fp32
 master ranges + write + fsync, in one process). Prints wall time, peak RSS and ratios, and checks the outputs are
-equal tensor by tensor. Usage: python bench/consolidate.py [--ds-python PATH] [--keep DIR]
+equal tensor by tensor. Usage: python bench/consolidate.py [--ds-python PATH] [--keep DIR] [--case zero|dcp|all]
+
+The DCP case (issue 17): an FSDP2 checkpoint in torchtitan's layout (model FQNs at the top level, AdamW state
+under ``optimizer``), 2 ranks, gloo, CPU, generated at bench time with this interpreter's torch at two model
+sizes. Against torch's ``dcp_to_torch_save`` plus writing its model tensors as safetensors (what users then do),
+and the floor (read the model's chunks + write + fsync). Peak RSS should not grow with the model.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import subprocess
 import tempfile
 import time
 
-from ckptctl.convert.consolidate import plan_consolidation
+from ckptctl.convert.consolidate import plan_consolidation, plan_source
+from ckptctl.formats.tensor_layout import Range
 from ckptctl.storage import Location
 
 GEN = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "zero" / "gen" / "gen_ckpt.py"
@@ -55,6 +61,9 @@ def scratch_deepspeed(root: Path) -> Path:
 
 
 def evict(folder: Path) -> None:
+    """Cold cache for ``folder``, after writing back every dirty page (a previous step's output would otherwise
+    be flushed during the next timed run and charged to it)."""
+    os.sync()
     for path in folder.rglob("*"):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
@@ -78,14 +87,18 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, in
 def floor(checkpoint: Path, out: Path) -> float:
     """Read only the fp32 master ranges, write them, fsync: what any converter must at least do."""
     plan = plan_consolidation(Location.from_url(str(checkpoint)))
+    return copy_ranges(checkpoint, [p for t in plan.tensors for p in t.pieces], out)
+
+
+def copy_ranges(checkpoint: Path, ranges: list[Range], out: Path) -> float:
+    """Seconds to read ``ranges`` (cold cache) into ``out`` and fsync it."""
     evict(checkpoint)
     start = time.perf_counter()
     handles: dict[str, int] = {}
     with out.open("wb") as sink:
-        for tensor in plan.tensors:
-            for piece in tensor.pieces:
-                fd = handles.setdefault(piece.rel, os.open(checkpoint / piece.rel, os.O_RDONLY))
-                sink.write(os.pread(fd, piece.end - piece.start, piece.start))
+        for piece in ranges:
+            fd = handles.setdefault(piece.rel, os.open(checkpoint / piece.rel, os.O_RDONLY))
+            sink.write(os.pread(fd, piece.end - piece.start, piece.start))
         sink.flush()
         os.fsync(sink.fileno())
     for fd in handles.values():
@@ -116,16 +129,102 @@ def tensor_hashes(path: Path) -> dict[str, str]:
     return hashes
 
 
+GEN_DCP = """
+import os, sys
+import torch, torch.nn as nn, torch.distributed as dist, torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+def worker(rank, out, layers, width):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(4, width)).sum().backward()
+    optim.step()
+    sd, osd = get_state_dict(model, optim, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    dcp.save({**sd, "optimizer": osd}, checkpoint_id=out)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])), nprocs=2, join=True)
+"""
+
+TORCH_CONVERT = """
+import sys
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+import torch
+from safetensors.torch import save_file
+dcp_to_torch_save(sys.argv[1], sys.argv[2])
+state = torch.load(sys.argv[2], weights_only=False)
+model = {k: v for k, v in state.items() if k != "optimizer"}
+save_file(model, sys.argv[3])
+"""
+
+
+def dcp_floor(checkpoint: Path, out: Path) -> float:
+    """Read every model chunk, write it, fsync: what any DCP converter must at least do."""
+    plan = plan_source(Location.from_url(str(checkpoint)))
+    return copy_ranges(checkpoint, [c.range for t in plan.tensors for c in t.chunks], out)
+
+
+def bench_dcp(root: Path, layers: int, width: int = 2048) -> None:
+    ckpt = root / f"dcp-{layers}"
+    if not (ckpt / ".metadata").exists():
+        script = root / "gen_dcp.py"
+        script.write_text(GEN_DCP)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, str(script), str(ckpt), str(layers), str(width)], check=True)
+        print(
+            f"generated DCP checkpoint ({layers} x Linear({width}, {width})) in {time.perf_counter() - t0:.0f}s"
+        )
+    size = sum(p.stat().st_size for p in ckpt.iterdir())
+    plan = plan_source(Location.from_url(str(ckpt)))
+    params = sum(t.numel for t in plan.tensors)
+    print(f"DCP: {params / 1e6:.1f}M model parameters, {size / 1e9:.2f} GB on disk (model + AdamW)")
+    ours_out, ref_pt, ref_out = root / "ours-dcp.safetensors", root / "ref.pt", root / "ref-dcp.safetensors"
+    evict(ckpt)
+    ours, ours_rss = timed(
+        [sys.executable, "-m", "ckptctl", "consolidate", str(ckpt), str(ours_out), "--force", "--quiet"]
+    )
+    evict(ckpt)
+    script = root / "torch_convert.py"
+    script.write_text(TORCH_CONVERT)
+    theirs, theirs_rss = timed([sys.executable, str(script), str(ckpt), str(ref_pt), str(ref_out)])
+    io_floor = dcp_floor(ckpt, root / "floor.bin")
+    same = tensor_hashes(ours_out) == tensor_hashes(ref_out)
+    print(f"  ckptctl                     {ours:6.2f}s  peak RSS {ours_rss:6d} MB")
+    print(f"  dcp_to_torch_save + save    {theirs:6.2f}s  peak RSS {theirs_rss:6d} MB")
+    print(f"  I/O floor                   {io_floor:6.2f}s  (model chunks read + write + fsync, in-process)")
+    print(
+        f"  ratios: ckptctl/floor {ours / io_floor:.2f}x (goal <= 1.5x); torch/ckptctl {theirs / ours:.2f}x faster "
+        f"(goal >= 3x); RSS ckptctl/torch {ours_rss / theirs_rss:.2f} (goal <= 0.2); outputs identical: {same}"
+    )
+    for path in (ours_out, ref_pt, ref_out, root / "floor.bin"):
+        path.unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--ds-python", help="a python with deepspeed==0.19.8 and torch (else a scratch venv is made)"
     )
     parser.add_argument("--keep", help="work in this folder and keep it")
+    parser.add_argument("--case", choices=("zero", "dcp", "all"), default="all")
     args = parser.parse_args()
     root = Path(args.keep or tempfile.mkdtemp(prefix="ckptctl-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
+        if args.case in ("dcp", "all"):
+            for layers in (20, 40):
+                bench_dcp(root, layers)
+        if args.case == "dcp":
+            return
         ds_python = Path(args.ds_python) if args.ds_python else scratch_deepspeed(root)
         torchrun = ds_python.parent / "torchrun"
         env = dict(os.environ, DS_ACCELERATOR="cpu")

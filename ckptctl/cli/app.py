@@ -55,7 +55,7 @@ COMMANDS: dict[str, CommandEntry] = {
     "consolidate": CommandEntry(
         "ckptctl.cli.commands.consolidate",
         "consolidate",
-        "Merge DeepSpeed ZeRO (stage 1, 2 or 3) shards into one safetensors file, bit-identical to zero_to_fp32.",
+        "Merge a sharded checkpoint (DeepSpeed ZeRO, PyTorch DCP/FSDP2) or a torch state dict into safetensors.",
     ),
     "extract-lora": CommandEntry(
         "ckptctl.cli.commands.extract_lora",

@@ -15,19 +15,29 @@ import posixpath
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from ckptctl.convert.safetensors_writer import PlannedTensor, SafetensorsStream
-from ckptctl.convert.tensor_sources import Range, TensorSource, contiguous
+from ckptctl.convert.selection import Selection
+from ckptctl.convert.tensor_sources import (
+    TensorSource,
+    assemble_chunks,
+    looks_like_deepspeed,
+    open_state_dict,
+)
 from ckptctl.errors import IntegrityError, NotFoundError, RefusedError, UsageError
+from ckptctl.formats.dcp import METADATA as DCP_METADATA
+from ckptctl.formats.dcp import find_dcp_folder, locate_chunks, model_names, read_dcp_checkpoint
 from ckptctl.formats.deepspeed import partition_problems, world_sizes
 from ckptctl.formats.source import FileSource
+from ckptctl.formats.tensor_layout import Chunk, Range, is_contiguous
+from ckptctl.formats.torch_state import model_subtree
 from ckptctl.formats.torch_zip import TensorRecord, TorchArchive, read_torch_archive
 from ckptctl.storage.atomic import atomic_local_file
-from ckptctl.storage.location import FileEntry, Location, refuse_overlap
+from ckptctl.storage.location import FileEntry, Location, is_url, refuse_overlap
 
 _OPTIM = re.compile(r"^(?P<bf16>bf16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
 _MODEL_Z3 = re.compile(r"^zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_model_states\.pt$")
@@ -43,6 +53,10 @@ class SourceTensor:
     shape: tuple[int, ...]
     pieces: tuple[Range, ...]
     """Concatenated, then cut to the tensor's size (ZeRO-3 partitions are padded)."""
+    chunks: tuple[Chunk, ...] = ()
+    """Instead of ``pieces``: blocks of the global tensor that tile it (DCP)."""
+    location: Location | None = None
+    """Where the files of ``pieces`` are, when not SRC itself (SRC is one file)."""
 
     @property
     def numel(self) -> int:
@@ -52,11 +66,17 @@ class SourceTensor:
 @dataclass
 class ConsolidationPlan:
     tag: str
-    stage: int
-    world_size: int
+    stage: int | None
+    """ZeRO only."""
+    world_size: int | None
     tensors: list[SourceTensor]
     aliases: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    format: str = "zero"
+    dropped: int = 0
+    """Tensors of the checkpoint that are not model weights (optimizer state, train state), left out."""
+    non_tensors: list[str] = field(default_factory=list)
+    """Non-tensor items of the model sub-tree (DCP bytes items), listed and left out, never unpickled."""
 
 
 def _natural(name: str) -> list[Any]:
@@ -102,7 +122,7 @@ def _records(archive: TorchArchive) -> dict[tuple[Any, ...], TensorRecord]:
 
 def _range(archive: TorchArchive, record: TensorRecord, first: int, count: int) -> Range:
     """Elements [first, first + count) of a contiguous tensor, as a byte range of its file."""
-    if not contiguous(record.shape, record.stride):
+    if not is_contiguous(record.shape, record.stride):
         raise IntegrityError(f"{archive.source.name}: tensor {record.name} is not contiguous")
     start = archive.tensor_byte_offset(record) + first * record.itemsize
     return Range(archive.source.rel, start, start + count * record.itemsize)
@@ -316,6 +336,108 @@ def _stage3(
     return out
 
 
+STATE_DICT_FILES = (
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "model.safetensors",
+)
+
+
+def plan_source(
+    location: Location, *, tag: str | None = None, exclude_frozen: bool = False
+) -> ConsolidationPlan:
+    """The plan for whatever checkpoint ``location`` is: a DCP folder (or a run folder holding one), one torch
+    state-dict file (``.pt``/``.bin``/Lightning ``.ckpt``, or a safetensors file), an HF weights folder (single
+    or sharded ``pytorch_model*.bin`` / ``model*.safetensors``), else a DeepSpeed ZeRO save."""
+    if location.stat().type == "file":
+        return _plan_state_dict(location)
+    entries = location.walk()
+    folder = find_dcp_folder(entries, tag)
+    if folder is not None:
+        return _plan_dcp(location, folder)
+    top = {e.path for e in entries if e.type == "file" and "/" not in e.path}
+    if tag is None and not looks_like_deepspeed(entries):
+        if top & set(STATE_DICT_FILES):
+            return _plan_state_dict(location)
+        names = sorted({e.path.split("/", 1)[0] for e in entries})
+        found = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "") or "nothing"
+        raise NotFoundError(
+            f"{location.url} is not a DeepSpeed checkpoint (no *_model_states.pt, no latest), a DCP folder (no "
+            f".metadata) or an HF weights folder (no {STATE_DICT_FILES[0]}, {STATE_DICT_FILES[2]}); it holds {found}",
+            url=location.url,
+        )
+    return plan_consolidation(location, tag=tag, exclude_frozen=exclude_frozen)
+
+
+def _plan_state_dict(location: Location) -> ConsolidationPlan:
+    """A torch state dict (names joined with ``.``) read through tensor_sources: each tensor one byte range.
+    Only the model sub-tree is kept (formats/torch_state.py); a name viewing the same bytes as an earlier one
+    (tied weights) becomes an alias, as for ZeRO."""
+    sources, what = open_state_dict(location)
+    subtree = model_subtree(sources)
+    cut = len(subtree) + 1 if subtree else 0
+    plan = ConsolidationPlan(what.rsplit("/", 1)[-1], None, None, [], {}, format="torch")
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, source in sources.items():
+        if subtree and not name.startswith(subtree + "."):
+            plan.dropped += 1
+            continue
+        new = name[cut:]
+        view = (source.location.url, source.ranges, source.dtype, source.shape)
+        if view in seen and source.nbytes:
+            plan.aliases[new] = seen[view]
+            continue
+        seen[view] = new
+        plan.tensors.append(
+            SourceTensor(new, source.dtype, source.shape, source.ranges, location=source.location)
+        )
+    if subtree:
+        plan.warnings.append(f"wrote the {subtree!r} sub-tree; {plan.dropped} other tensor(s) left out")
+    return plan
+
+
+def _plan_dcp(location: Location, folder: str) -> ConsolidationPlan:
+    """The model weights of the DCP checkpoint in ``folder`` of ``location`` (formats/dcp.py ``model_names``),
+    each tensor's chunks located in the data files before anything is written: a damaged item fails the plan,
+    not a half-written output. Byte ranges are relative to ``location``, as the writer reads them."""
+    checkpoint = read_dcp_checkpoint(location.child(folder) if folder else location)
+    names = model_names([(t.fqn, t.path) for t in checkpoint.tensors] + list(checkpoint.bytes_items))
+    base = f"{folder}/" if folder else ""
+    model = [t for t in checkpoint.tensors if t.fqn in names]
+    located = locate_chunks(checkpoint, model)
+    tensors = [
+        SourceTensor(
+            names[t.fqn],
+            t.dtype,
+            t.shape,
+            (),
+            tuple(replace(c, range=replace(c.range, rel=base + c.range.rel)) for c in located[t.fqn]),
+        )
+        for t in model
+    ]
+    plan = ConsolidationPlan(
+        folder or posixpath.basename(location.root),
+        None,
+        None,
+        tensors,
+        {},
+        format="dcp",
+        dropped=len(checkpoint.tensors) - len(tensors),
+        non_tensors=[names[n] for n, _ in checkpoint.bytes_items if n in names],
+    )
+    if checkpoint.metadata_files[0] != DCP_METADATA:
+        plan.warnings.append(
+            f"saved with use_collectives=False: merged {len(checkpoint.metadata_files)} per-rank metadata files"
+        )
+    if plan.non_tensors:
+        shown = ", ".join(plan.non_tensors[:5]) + ("..." if len(plan.non_tensors) > 5 else "")
+        plan.warnings.append(
+            f"{len(plan.non_tensors)} non-tensor item(s) left out (never unpickled): {shown}"
+        )
+    return plan
+
+
 def _to_numpy(data: bytes, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
@@ -360,21 +482,29 @@ class ConsolidationResult:
     parameters: int
     bytes_written: int
     seconds: float
-    stage: int
-    world_size: int
+    stage: int | None
+    world_size: int | None
     aliases: dict[str, str]
     warnings: tuple[str, ...]
+    format: str = "zero"
+    dropped: int = 0
+    """Tensors of the checkpoint not written: not model weights, or outside --prefix/--exclude."""
+    non_tensors: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "output": self.output,
+            "format": self.format,
             "tensors": self.tensors,
+            "kept": self.tensors,
+            "dropped": self.dropped,
             "parameters": self.parameters,
             "bytes": self.bytes_written,
             "seconds": round(self.seconds, 3),
             "zero_stage": self.stage,
             "world_size": self.world_size,
             "aliases": self.aliases,
+            "non_tensors": list(self.non_tensors),
             "warnings": list(self.warnings),
         }
 
@@ -411,7 +541,7 @@ def consolidate(
     out_path: str,
     *,
     tag: str | None = None,
-    dtype: str = "fp32",
+    dtype: str | None = None,
     exclude_frozen: bool = False,
     keep_tied: bool = False,
     force: bool = False,
@@ -419,8 +549,11 @@ def consolidate(
     copy_configs: bool = True,
     on_bytes: Callable[[int], None] | None = None,
     out_options: dict[str, Any] | None = None,
+    selection: Selection | None = None,
 ) -> ConsolidationResult:
-    """Write ``out_path`` (a .safetensors file or a folder, local or a URL) from the ZeRO checkpoint at ``src``.
+    """Write ``out_path`` (a .safetensors file or a folder, local or a URL) from the checkpoint at ``src``: a
+    DeepSpeed ZeRO save (floats as fp32 unless ``dtype``, as ``zero_to_fp32``) or a DCP folder (dtypes as
+    stored unless ``dtype``), its model weights narrowed by ``selection``.
 
     Each output file appears under its name only when complete (temp + rename); with ``max_shard_bytes`` the HF
     layout is written, shards first and ``model.safetensors.index.json`` last. ``on_bytes(n)`` reports progress.
@@ -430,9 +563,9 @@ def consolidate(
     import os
 
     started = time.perf_counter()
-    if dtype not in OUTPUT_DTYPES:
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise UsageError(f"--dtype takes {', '.join(OUTPUT_DTYPES)}; got {dtype!r}")
-    remote_out = "://" in out_path and not out_path.startswith("file://")
+    remote_out = is_url(out_path)
     out_location = Location.from_url(out_path, out_options if remote_out else None)
     refuse_overlap(out_location, src, output_role="OUT", source_role="SRC")
     if remote_out:
@@ -448,6 +581,7 @@ def consolidate(
             max_shard_bytes=max_shard_bytes,
             copy_configs=copy_configs,
             on_bytes=on_bytes,
+            selection=selection,
         )
     if os.path.isdir(out_path) or out_path.endswith("/") or max_shard_bytes is not None:
         folder = out_path
@@ -459,23 +593,26 @@ def consolidate(
         final = out_path
     if os.path.exists(final) and not force:
         raise RefusedError(f"{final} exists; pass --force to replace it")
-    plan = plan_consolidation(src, tag=tag, exclude_frozen=exclude_frozen)
-    made_folder = not os.path.isdir(folder)
-    os.makedirs(folder, exist_ok=True)
-    target = OUTPUT_DTYPES[dtype]
+    plan = plan_source(src, tag=tag, exclude_frozen=exclude_frozen)
+    target = OUTPUT_DTYPES[dtype] if dtype else ("float32" if plan.format == "zero" else None)
     names = {t.name for t in plan.tensors}
     order = list(plan.tensors)
     if keep_tied:
         by_name = {t.name: t for t in plan.tensors}
         order += [
-            SourceTensor(alias, by_name[owner].dtype, by_name[owner].shape, by_name[owner].pieces)
+            replace(by_name[owner], name=alias)
             for alias, owner in plan.aliases.items()
             if owner in by_name and alias not in names
         ]
-    planned = [PlannedTensor(t.name, target if t.dtype in _FLOATS else t.dtype, t.shape) for t in order]
+    order, aliases = _select(plan, order, selection or Selection(), keep_tied)
+    made_folder = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    planned = [
+        PlannedTensor(t.name, target if target and t.dtype in _FLOATS else t.dtype, t.shape) for t in order
+    ]
     metadata = {"format": "pt"}
-    if plan.aliases and not keep_tied:
-        metadata["tied_aliases"] = json.dumps(plan.aliases, sort_keys=True)
+    if aliases and not keep_tied:
+        metadata["tied_aliases"] = json.dumps(aliases, sort_keys=True)
     groups = _shards(planned, max_shard_bytes)
     files = (
         [final]
@@ -524,9 +661,34 @@ def consolidate(
         seconds=time.perf_counter() - started,
         stage=plan.stage,
         world_size=plan.world_size,
-        aliases=plan.aliases,
+        aliases=aliases,
         warnings=tuple(plan.warnings),
+        format=plan.format,
+        dropped=plan.dropped,
+        non_tensors=tuple(plan.non_tensors),
     )
+
+
+def _select(
+    plan: ConsolidationPlan, order: list[SourceTensor], selection: Selection, keep_tied: bool
+) -> tuple[list[SourceTensor], dict[str, str]]:
+    """The tensors ``selection`` keeps, renamed; ``plan.dropped`` counts the rest. Tied aliases follow their
+    names; one whose owner lies outside the selection is not written (a warning says so) unless ``keep_tied``
+    made it a copy."""
+    if selection.is_default:
+        return order, dict(plan.aliases)
+    chosen = selection.apply([t.name for t in order])
+    plan.dropped += len(order) - len(chosen)
+    aliases: dict[str, str] = {}
+    for alias, owner in plan.aliases.items():
+        new_alias, new_owner = selection.rename(alias), chosen.get(owner)
+        if new_alias is not None and new_owner is not None:
+            aliases[new_alias] = new_owner
+        elif new_alias is not None and not keep_tied:
+            plan.warnings.append(
+                f"{alias} is tied to {owner}, which lies outside the selection: not written (--keep-tied writes it)"
+            )
+    return [replace(t, name=chosen[t.name]) for t in order if t.name in chosen], aliases
 
 
 def _consolidate_to_store(
@@ -536,7 +698,6 @@ def _consolidate_to_store(
     index last, so a reader never finds an index naming shards that are not there yet."""
     import os
     import tempfile
-    from dataclasses import replace
 
     sharded = kwargs.get("max_shard_bytes") is not None or out_url.endswith("/")
     folder_url = out_url.rstrip("/") if sharded else out_url.rsplit("/", 1)[0]
@@ -557,9 +718,14 @@ def _consolidate_to_store(
 
 def _tensor_chunks(src: Location, tensor: SourceTensor, target: str) -> Iterator[bytes]:
     """A tensor's bytes in ``target`` dtype, read in bounded chunks and cut to its size (ZeRO-3 partitions are
-    padded): memory stays bounded whatever the tensor's size."""
-    source = TensorSource(src, tensor.name, tensor.dtype, tensor.shape, tensor.pieces)
-    for data in source.chunks():
+    padded): memory stays bounded whatever the tensor's size (DCP chunks that are not slabs of the first
+    dimension: about twice that tensor)."""
+    where = tensor.location or src
+    if tensor.chunks:
+        pieces = assemble_chunks(where, tensor.name, tensor.dtype, tensor.shape, tensor.chunks)
+    else:
+        pieces = TensorSource(where, tensor.name, tensor.dtype, tensor.shape, tensor.pieces).chunks()
+    for data in pieces:
         yield cast(data, tensor.dtype, target)
 
 

@@ -18,6 +18,7 @@ from ckptctl.errors import IntegrityError, NotFoundError, TruncatedError, UsageE
 from ckptctl.formats.model import DTYPE_BITS, Defect
 from ckptctl.formats.safetensors_header import read_safetensors_header
 from ckptctl.formats.source import FileSource
+from ckptctl.formats.tensor_layout import Chunk, Range, is_contiguous
 from ckptctl.formats.torch_zip import TorchArchive, read_torch_archive
 from ckptctl.storage.location import FileEntry, Location
 
@@ -33,15 +34,6 @@ _NUMPY = {
     "uint8": np.uint8,
     "bool": np.bool_,
 }
-
-
-@dataclass(frozen=True)
-class Range:
-    """Bytes [start, end) of one file, relative to the tensor's location."""
-
-    rel: str
-    start: int
-    end: int
 
 
 @dataclass(frozen=True)
@@ -95,6 +87,43 @@ class TensorSource:
         return np.frombuffer(data, dtype=_NUMPY[self.dtype]).reshape(self.shape)
 
 
+def slab_ranges(shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> tuple[Range, ...] | None:
+    """The chunks as one concatenation in C order when each is whole in every dimension but the first (FSDP's
+    ``Shard(0)``, 1-d and 0-d tensors, a single chunk), sorted by offset; None for other layouts (``Shard(1)``).
+    The chunks must already be known to tile the tensor."""
+    if any(c.offsets[1:] != (0,) * (len(shape) - 1) or c.sizes[1:] != shape[1:] for c in chunks):
+        return None
+    return tuple(c.range for c in sorted(chunks, key=lambda c: c.offsets[:1]))
+
+
+def assemble_chunks(
+    location: Location, name: str, dtype: str, shape: tuple[int, ...], chunks: tuple[Chunk, ...]
+) -> Iterator[bytes]:
+    """A tensor's bytes in C order from chunks that tile it (checked by the format reader).
+
+    Slabs of the first dimension stream straight from the files in bounded pieces; any other tiling is
+    assembled in memory, so it costs about twice the tensor's size (one tensor at a time).
+    """
+    ranges = slab_ranges(shape, chunks)
+    if ranges is not None:
+        yield from TensorSource(location, name, dtype, shape, ranges).chunks()
+        return
+    bits = DTYPE_BITS[dtype]
+    if bits % 8:
+        raise UsageError(f"tensor {name}: {dtype} chunks split across dimensions cannot be assembled here")
+    item = bits // 8
+    # Every byte is overwritten: the chunks tile the tensor.
+    out = np.empty((*shape[:-1], shape[-1] * item), dtype=np.uint8)
+    for chunk in chunks:
+        data = TensorSource(location, name, dtype, chunk.sizes, (chunk.range,)).read()
+        block = np.frombuffer(data, dtype=np.uint8).reshape(*chunk.sizes[:-1], chunk.sizes[-1] * item)
+        index = tuple(slice(o, o + n) for o, n in zip(chunk.offsets[:-1], chunk.sizes[:-1], strict=True))
+        last = slice(chunk.offsets[-1] * item, (chunk.offsets[-1] + chunk.sizes[-1]) * item)
+        where = (*index, last)
+        out[where] = block
+    yield out.tobytes()
+
+
 def _refuse_defects(location: Location, rel: str, defects: list[Defect] | tuple[Defect, ...]) -> None:
     """A file whose own structure proves it cut or damaged is refused whole, even when the tensors wanted lie
     outside the damage: a conversion never turns a corrupt checkpoint into a clean-looking output."""
@@ -119,20 +148,12 @@ def _safetensors(location: Location, rel: str, size: int) -> dict[str, TensorSou
     }
 
 
-def contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    expected, wanted = 1, []
-    for dim in reversed(shape):
-        wanted.append(expected)
-        expected *= dim
-    return tuple(reversed(wanted)) == stride or expected <= 1
-
-
 def _torch(location: Location, rel: str, size: int) -> dict[str, TensorSource]:
     archive: TorchArchive = read_torch_archive(FileSource(location, rel, size))
     _refuse_defects(location, rel, archive.check_members())
     found: dict[str, TensorSource] = {}
     for record in archive.tensors:
-        if not contiguous(record.shape, record.stride):
+        if not is_contiguous(record.shape, record.stride):
             raise IntegrityError(f"{location.url_of(rel)}: tensor {record.name} is not contiguous")
         start = archive.tensor_byte_offset(record)
         end = start + record.numel * record.itemsize
@@ -150,7 +171,8 @@ def open_file(location: Location, rel: str, size: int) -> dict[str, TensorSource
     return _safetensors(location, rel, size)
 
 
-def _is_deepspeed(entries: list[FileEntry]) -> bool:
+def looks_like_deepspeed(entries: list[FileEntry]) -> bool:
+    """A DeepSpeed save or tag folder: model states, or the ``latest`` pointer."""
     return any(e.path.endswith("model_states.pt") for e in entries) or any(
         e.path == "latest" for e in entries
     )
@@ -166,6 +188,23 @@ def open_deepspeed(location: Location) -> dict[str, TensorSource]:
         ranges = tuple(Range(p.rel, p.start, p.end) for p in tensor.pieces)
         found[tensor.name] = TensorSource(location, tensor.name, tensor.dtype, tensor.shape, ranges)
     return found
+
+
+def _weight_map(location: Location, index_name: str) -> dict[str, str]:
+    """An HF shard index's ``weight_map`` (tensor -> shard file in this folder); IntegrityError when it is not
+    JSON of that shape."""
+    try:
+        weight_map = json.loads(location.read_bytes(index_name)).get("weight_map")
+    except (ValueError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+        for k, v in weight_map.items()
+    ):
+        raise IntegrityError(
+            f"{location.url_of(index_name)}: not a shard index (no weight_map of file names)"
+        )
+    return weight_map
 
 
 WEIGHT_FILES = (
@@ -190,18 +229,23 @@ def open_state_dict(location: Location) -> tuple[dict[str, TensorSource], str]:
     files = {e.path: e for e in entries if e.type == "file"}
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if index_name in files:
-            index = json.loads(location.read_bytes(index_name))
-            shards = sorted(set(index.get("weight_map", {}).values()))
+            weight_map = _weight_map(location, index_name)
             found: dict[str, TensorSource] = {}
-            for shard in shards:
+            for shard in sorted(set(weight_map.values())):
                 if shard not in files:
                     raise NotFoundError(f"{location.url_of(index_name)} names {shard}, which is missing")
                 found.update(open_file(location, shard, files[shard].size))
+            absent = next((n for n, shard in weight_map.items() if n not in found), None)
+            if absent is not None:
+                raise IntegrityError(
+                    f"{location.url_of(index_name)}: tensor {absent!r} is not in {weight_map[absent]}",
+                    url=location.url_of(weight_map[absent]),
+                )
             return found, location.url_of(index_name)
     for name in WEIGHT_FILES:
         if name in files:
             return open_file(location, name, files[name].size), location.url_of(name)
-    if _is_deepspeed(entries):
+    if looks_like_deepspeed(entries):
         return open_deepspeed(location), location.url
     candidates = sorted(
         p for p in files if "/" not in p and p.endswith((".safetensors", ".pt", ".bin", ".pth"))

@@ -9,14 +9,26 @@ sizes must cover every item: one listing and one GET decide whether a DCP checkp
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from ckptctl.errors import IntegrityError
-from ckptctl.formats.model import Defect, FileFact, Inspection, TensorInfo, checked_shape, nbytes_of, numel_of
+from ckptctl.errors import IntegrityError, NotFoundError, TruncatedError
+from ckptctl.formats.model import (
+    MAX_DIMENSION,
+    Defect,
+    FileFact,
+    Inspection,
+    TensorInfo,
+    checked_shape,
+    nbytes_of,
+    numel_of,
+)
 from ckptctl.formats.restricted_pickle import PickledObject, TorchDType, restricted_loads
 from ckptctl.formats.source import FileSource
-from ckptctl.formats.torch_zip import ZIP_MAGIC
+from ckptctl.formats.tensor_layout import Chunk, Range, is_contiguous
+from ckptctl.formats.torch_zip import TAIL_PROBE_BYTES, ZIP_MAGIC, read_torch_archive
 from ckptctl.storage.location import FileEntry, Location
 
 METADATA = ".metadata"
@@ -64,26 +76,96 @@ def _dtype(properties: Any) -> str:
     return value.name if isinstance(value, TorchDType) else "uint8"
 
 
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+"""A chunk's global offsets and sizes."""
+
+
+def _tensor_entry(name: str, entry: Any) -> tuple[str, str, tuple[int, ...], list[Box]] | None:
+    """Name, dtype, global shape and chunks of one ``state_dict_metadata`` entry; None for a bytes item."""
+    if not isinstance(entry, PickledObject) or not entry.qualname.endswith("TensorStorageMetadata"):
+        return None
+    size = checked_shape(tuple(entry.get("size") or ()), f"tensor {name[:200]!r}")
+    what = f"tensor {name[:200]!r}: a chunk"
+    chunks = [
+        (checked_shape(tuple(c.get("offsets") or ()), what), checked_shape(tuple(c.get("sizes") or ()), what))
+        for c in entry.get("chunks") or []
+        if isinstance(c, PickledObject)
+    ]
+    return name, _dtype(entry.get("properties")), size, chunks
+
+
 def _chunk_defects(
-    name: str, size: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]]
+    name: str, size: tuple[int, ...], chunks: list[Box], *, exhaustive: bool = False
 ) -> list[str]:
-    """The chunks of a tensor must lie inside it and tile it: volumes add up and no two overlap."""
+    """The chunks of a tensor must lie inside it and tile it: volumes add up and no two overlap (checked pair
+    by pair: for inspect only up to 256 chunks, for a conversion always)."""
     problems = []
     for offsets, sizes in chunks:
-        if len(offsets) != len(size) or any(o + s > d for o, s, d in zip(offsets, sizes, size, strict=False)):
+        if (
+            len(offsets) != len(size)
+            or len(sizes) != len(size)
+            or any(o + s > d for o, s, d in zip(offsets, sizes, size, strict=False))
+        ):
             problems.append(
                 f"tensor {name!r}: chunk at {list(offsets)} size {list(sizes)} lies outside {list(size)}"
             )
     covered = sum(numel_of(s) for _, s in chunks)
     if covered != numel_of(size):
         problems.append(f"tensor {name!r}: chunks cover {covered} of {numel_of(size)} elements")
-    elif len(chunks) <= _MAX_OVERLAP_CHECK:
+    elif exhaustive or len(chunks) <= _MAX_OVERLAP_CHECK:
         boxes = [c for c in chunks if numel_of(c[1]) > 0]
         for i, (oa, sa) in enumerate(boxes):
             for ob, sb in boxes[i + 1 :]:
                 if all(a < b + lb and b < a + la for a, la, b, lb in zip(oa, sa, ob, sb, strict=False)):
                     problems.append(f"tensor {name!r}: chunks at {list(oa)} and {list(ob)} overlap")
     return problems
+
+
+def _span(info: PickledObject) -> tuple[int, int]:
+    """Offset and length of a ``_StorageInfo``; IntegrityError unless both are non-negative ints (a crafted
+    file could put anything there)."""
+    offset, length = info.get("offset") or 0, info.get("length") or 0
+    if not (
+        type(offset) is int
+        and type(length) is int
+        and 0 <= offset < MAX_DIMENSION
+        and 0 <= length < MAX_DIMENSION
+    ):
+        raise IntegrityError(f"storage entry of {info.get('relative_path')!s:.80}: invalid offset or length")
+    return offset, length
+
+
+def _needed_sizes(infos: Iterable[Any], where: str) -> dict[str, int]:
+    """Data file -> the bytes its items need (the end of the last one); every span checked (``where`` names
+    the metadata file in the error)."""
+    needed: dict[str, int] = {}
+    for info in infos:
+        if isinstance(info, PickledObject):
+            path = str(info.get("relative_path"))
+            try:
+                offset, length = _span(info)
+            except IntegrityError as exc:
+                raise IntegrityError(f"{where}: {exc.message}", url=where) from None
+            needed[path] = max(needed.get(path, 0), offset + length)
+    return needed
+
+
+def _file_defects(
+    files: dict[str, FileEntry], needed: dict[str, int], by: str, *, mark_truncated: bool = False
+) -> list[Defect]:
+    """Data files missing from the listing, or shorter than their items need (``truncated`` set only when
+    ``mark_truncated``: inspect reports these as plain defects)."""
+    defects = []
+    for path, end in sorted(needed.items()):
+        if path not in files:
+            defects.append(Defect(path, f"data file referenced by {by} is missing"))
+        elif files[path].size < end:
+            defects.append(
+                Defect(
+                    path, f"{files[path].size} bytes, {by} needs {end} (truncated)", truncated=mark_truncated
+                )
+            )
+    return defects
 
 
 def _item_defects(location: Location, files: dict[str, FileEntry], storage: dict[Any, Any]) -> list[Defect]:
@@ -95,7 +177,7 @@ def _item_defects(location: Location, files: dict[str, FileEntry], storage: dict
         if not isinstance(info, PickledObject):
             continue
         path = str(info.get("relative_path"))
-        start, length = int(info.get("offset") or 0), int(info.get("length") or 0)
+        start, length = _span(info)
         if path not in files or files[path].size < start + length:
             continue  # already reported as missing or truncated
         if path not in sources:
@@ -131,18 +213,12 @@ def inspect_dcp(location: Location, entries: Sequence[FileEntry], *, verify: boo
     defects: list[Defect] = []
     bytes_items: list[str] = []
     chunk_counts: dict[str, int] = {}
-    for fqn, entry in state_dict.items():
-        name = str(fqn)
-        if not isinstance(entry, PickledObject) or not entry.qualname.endswith("TensorStorageMetadata"):
-            bytes_items.append(name)
+    for name, entry in state_dict.items():
+        parsed = _tensor_entry(str(name), entry)
+        if parsed is None:
+            bytes_items.append(str(name))
             continue
-        size = checked_shape(tuple(entry.get("size") or ()), f"tensor {name[:200]!r}")
-        dtype = _dtype(entry.get("properties"))
-        chunks = [
-            (tuple(c.get("offsets") or ()), tuple(c.get("sizes") or ()))
-            for c in entry.get("chunks") or []
-            if isinstance(c, PickledObject)
-        ]
+        name, dtype, size, chunks = parsed
         chunk_counts[name] = len(chunks)
         defects += [Defect(METADATA, p) for p in _chunk_defects(name, size, chunks)]
         role = (
@@ -151,17 +227,8 @@ def inspect_dcp(location: Location, entries: Sequence[FileEntry], *, verify: boo
             else ("other" if name.startswith(NON_MODEL_PREFIXES) else "param")
         )
         tensors.append(TensorInfo(name, dtype, size, nbytes_of(dtype, size), role))
-    needed: dict[str, int] = {}
-    for info in storage.values():
-        if isinstance(info, PickledObject):
-            path = str(info.get("relative_path"))
-            end = int(info.get("offset") or 0) + int(info.get("length") or 0)
-            needed[path] = max(needed.get(path, 0), end)
-    for path, end in sorted(needed.items()):
-        if path not in files:
-            defects.append(Defect(path, "data file referenced by .metadata is missing"))
-        elif files[path].size < end:
-            defects.append(Defect(path, f"{files[path].size} bytes, .metadata needs {end} (truncated)"))
+    needed = _needed_sizes(storage.values(), location.url_of(METADATA))
+    defects += _file_defects(files, needed, METADATA)
     if verify:
         defects += _item_defects(location, files, storage)
     unreferenced = sorted(n for n in files if n.endswith(".distcp") and n not in needed)
@@ -192,3 +259,295 @@ def inspect_dcp(location: Location, entries: Sequence[FileEntry], *, verify: boo
         defects=tuple(defects),
         verified=verify,
     )
+
+
+# -- tensors as chunks, for consolidate --------------------------------------------------------------------------
+
+PER_RANK_METADATA = re.compile(r"^__(\d+)\.metadata$")
+MODEL_WRAPPER = "model"
+NON_MODEL_ROOTS = frozenset(p.rstrip(".") for p in NON_MODEL_PREFIXES)
+
+
+@dataclass(frozen=True)
+class DcpChunk:
+    """One chunk of a tensor: where it lies in the global tensor, and the torch.save item that holds it."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    rel: str
+    """The data file (``__<rank>_<n>.distcp``)."""
+    item_start: int
+    item_length: int
+
+
+@dataclass(frozen=True)
+class DcpTensor:
+    fqn: str
+    path: tuple[Any, ...]
+    """The key path into the saved state dict (``planner_data``): ``("model", "attn.wo.weight")``."""
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[DcpChunk, ...]
+
+
+@dataclass(frozen=True)
+class DcpCheckpoint:
+    """Every tensor and bytes item of a DCP folder, from ``.metadata`` or from all per-rank ``__R.metadata``
+    files merged; every chunk tiles its tensor and every data file is there (checked when read)."""
+
+    location: Location
+    metadata_files: tuple[str, ...]
+    tensors: tuple[DcpTensor, ...]
+    bytes_items: tuple[tuple[str, tuple[Any, ...]], ...]
+    file_sizes: dict[str, int]
+    """Size of every data file referenced (all present and large enough)."""
+
+
+def find_dcp_folder(entries: Sequence[FileEntry], tag: str | None) -> str | None:
+    """The DCP checkpoint folder (relative) among ``entries``: the top level, ``tag``, or the only sub-folder
+    holding a ``.metadata`` (torchtitan ``step-N/``; Accelerate's ``pytorch_model_fsdp_0/``, preferred over its
+    ``optimizer_0/``). None when nothing here is DCP; NotFoundError when several are and no ``tag`` says which."""
+    by_folder: dict[str, set[str]] = {}
+    for entry in entries:
+        if entry.type == "file":
+            folder, _, name = entry.path.rpartition("/")
+            by_folder.setdefault(folder, set()).add(name)
+
+    def is_dcp(names: set[str]) -> bool:
+        return is_dcp_dir(names) or any(PER_RANK_METADATA.match(n) for n in names)
+
+    if tag is not None:
+        return tag if is_dcp(by_folder.get(tag, set())) else None
+    if is_dcp(by_folder.get("", set())):
+        return ""
+    found = sorted((f for f, names in by_folder.items() if "/" not in f and is_dcp(names)), key=_natural)
+    if "pytorch_model_fsdp_0" in found:
+        return "pytorch_model_fsdp_0"
+    if len(found) > 1:
+        raise NotFoundError(
+            f"several DCP checkpoints here ({', '.join(found)})", hint=f"pass --tag, e.g. --tag {found[-1]}"
+        )
+    return found[0] if found else None
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _storage_key(index: Any) -> tuple[str, tuple[int, ...]] | None:
+    """``MetadataIndex`` compares by fqn and chunk offsets only (its ``index`` is a lookup hint)."""
+    if not isinstance(index, PickledObject):
+        return None
+    offset = index.get("offset")
+    return str(index.get("fqn")), tuple(offset) if isinstance(offset, (tuple, list)) else ()
+
+
+def read_dcp_checkpoint(location: Location) -> DcpCheckpoint:
+    """The tensors of the DCP folder at ``location`` as chunks, checked whole before a byte of data is read.
+
+    Per-rank ``__R.metadata`` files (``use_collectives=False``) are merged: each holds only its rank's chunks, a
+    replicated tensor is in every one (the lowest rank's copy is used), and the ranks must agree on every
+    tensor's dtype and global shape. Torch's own converter reads ``__0.metadata`` alone and returns the other
+    ranks' rows uninitialised; here a tensor whose merged chunks do not tile it is an IntegrityError (a rank's
+    metadata missing shows up that way). Costs one listing plus one read per metadata file.
+    """
+    files = {e.path: e for e in location.walk() if e.type == "file" and "/" not in e.path}
+    if METADATA in files:
+        names = [METADATA]
+    else:
+        names = sorted((n for n in files if PER_RANK_METADATA.match(n)), key=_natural)
+    if not names:
+        raise IntegrityError(
+            f"{location.url}: no .metadata (rank 0 writes it last: the save did not finish)", url=location.url
+        )
+    shapes: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    chunks: dict[str, dict[Box, DcpChunk | None]] = {}
+    paths: dict[str, tuple[Any, ...]] = {}
+    bytes_items: dict[str, str] = {}
+    needed: dict[str, int] = {}
+    file_owner: dict[str, str] = {}
+    for rel in names:
+        metadata = read_dcp_metadata(location, rel)
+        storage_infos = metadata.get("storage_data") or {}
+        storage = {_storage_key(k): v for k, v in storage_infos.items() if isinstance(v, PickledObject)}
+        for path, end in _needed_sizes(storage.values(), location.url_of(rel)).items():
+            if file_owner.setdefault(path, rel) != rel:
+                raise IntegrityError(
+                    f"{location.url}: {file_owner[path]} and {rel} both name {path}: the rank files cannot be merged",
+                    url=location.url,
+                )
+            needed[path] = end
+        planner = metadata.get("planner_data") or {}
+        for fqn, entry in (metadata.get("state_dict_metadata") or {}).items():
+            name = str(fqn)
+            raw_path = planner.get(fqn) if isinstance(planner, dict) else None
+            paths.setdefault(name, tuple(raw_path) if isinstance(raw_path, (tuple, list)) else (name,))
+            parsed = _tensor_entry(name, entry)
+            if parsed is None:
+                if name in shapes:
+                    raise _unmergeable(location, name, "a tensor", shapes[name][2], "a bytes item", rel)
+                bytes_items.setdefault(name, rel)
+                continue
+            _, dtype, size, boxes = parsed
+            if name in bytes_items:
+                raise _unmergeable(location, name, "a bytes item", bytes_items[name], "a tensor", rel)
+            known = shapes.setdefault(name, (dtype, size, rel))
+            if known[:2] != (dtype, size):
+                raise _unmergeable(
+                    location, name, f"{known[0]} {list(known[1])}", known[2], f"{dtype} {list(size)}", rel
+                )
+            mine = chunks.setdefault(name, {})
+            for box in boxes:
+                if box in mine:
+                    continue  # a replica another rank wrote too
+                info = storage.get((name, box[0]))
+                mine[box] = (
+                    None  # refused below, after the tiling check that explains more
+                    if info is None
+                    else DcpChunk(box[0], box[1], str(info.get("relative_path")), *_span(info))
+                )
+    by = names[0] if len(names) == 1 else "the per-rank metadata"
+    defects = _file_defects(files, needed, by, mark_truncated=True)
+    if defects:
+        error = TruncatedError if defects[0].truncated else IntegrityError
+        raise error(f"{location.url_of(defects[0].file)}: {defects[0].message}", url=location.url)
+    tensors = []
+    for name, (dtype, size, _) in shapes.items():
+        problems = _chunk_defects(name, size, list(chunks[name]), exhaustive=True)
+        if problems:
+            merged = (
+                " (per-rank metadata merged: a rank's __R.metadata may be missing)"
+                if names[0] != METADATA
+                else ""
+            )
+            raise IntegrityError(f"{location.url}: {problems[0]}{merged}", url=location.url)
+        located = tuple(c for c in chunks[name].values() if c is not None)
+        if len(located) != len(chunks[name]):
+            missing = next(list(box[0]) for box, c in chunks[name].items() if c is None)
+            raise IntegrityError(
+                f"{location.url}: tensor {name!r}: no storage entry for the chunk at {missing}",
+                url=location.url,
+            )
+        tensors.append(DcpTensor(name, paths[name], dtype, size, located))
+    return DcpCheckpoint(
+        location,
+        tuple(names),
+        tuple(tensors),
+        tuple((n, paths[n]) for n in bytes_items),
+        {path: files[path].size for path in needed},
+    )
+
+
+def _unmergeable(location: Location, name: str, was: str, where: str, now: str, rel: str) -> IntegrityError:
+    return IntegrityError(
+        f"{location.url}: {name!r} is {was} in {where} but {now} in {rel}: the rank files cannot be merged",
+        url=location.url,
+    )
+
+
+def model_names(paths: Iterable[tuple[str, tuple[Any, ...]]]) -> dict[str, str]:
+    """fqn -> the name ``model.state_dict()`` had, for the entries that are model weights.
+
+    A ``{"model": ...}`` wrapper (the DCP tutorial, Accelerate FSDP) is recognised by its key path (the
+    planner data), not by the name: torchtitan saves model FQNs at the top level, and a model may well have a
+    top-level ``model.`` sub-module of its own (HF ``LlamaForCausalLM``). Without a wrapper, the sub-trees of
+    training state (``optimizer``, ``lr_scheduler``, ``dataloader``, ``train_state``…) are left out.
+    """
+    entries = list(paths)
+    wrapped = any(len(path) > 1 and path[0] == MODEL_WRAPPER for _, path in entries)
+    if wrapped:
+        cut = len(MODEL_WRAPPER) + 1
+        return {fqn: fqn[cut:] for fqn, path in entries if path[0] == MODEL_WRAPPER and len(path) > 1}
+    return {fqn: fqn for fqn, path in entries if str(path[0]) not in NON_MODEL_ROOTS}
+
+
+# An item's zip metadata lies in its first and last few KB: data.pkl and the small members torch writes before
+# the storage, and the central directory after it (torch_zip.TAIL_PROBE_BYTES is read from the end).
+_ITEM_HEAD_BYTES = 4096
+_ITEM_TAIL_BYTES = TAIL_PROBE_BYTES
+
+
+class _ItemWindow(Location):
+    """One item of a data file seen as a file of its own (torch.save zip offsets count from the item's start),
+    read through the data file's shared, prefetched ``FileSource``."""
+
+    def __init__(self, file: FileSource, start: int, length: int) -> None:
+        super().__init__(file.location.fs, file.location.root, file.location.url)
+        self._file = file
+        self._start = start
+        self._length = length
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        end = min(end, self._length)
+        return self._file.read(self._start + start, self._start + end) if end > start else b""
+
+
+def chunk_byte_range(file: FileSource, tensor: DcpTensor, chunk: DcpChunk) -> Range:
+    """Where a chunk's elements lie in its data file ``file``: its item is a torch.save zip read through the
+    restricted unpickler, which must hold one C-contiguous tensor of the chunk's sizes and the tensor's dtype.
+    Reads only the item's head and tail (from ``file``'s cache when prefetched)."""
+    url = file.location.url_of(chunk.rel)
+    source = FileSource(_ItemWindow(file, chunk.item_start, chunk.item_length), chunk.rel, chunk.item_length)
+    try:
+        archive = read_torch_archive(source)
+    except IntegrityError as exc:
+        raise type(exc)(
+            f"{url}: item of tensor {tensor.fqn!r} at {chunk.item_start}: {exc.message}", url=url
+        ) from None
+    records = archive.tensors
+    record = records[0] if len(records) == 1 else None
+    if (
+        record is None
+        or record.path != ()
+        or record.shape != chunk.sizes
+        or record.dtype != tensor.dtype
+        or not is_contiguous(record.shape, record.stride)
+    ):
+        found = f"{record.dtype} {list(record.shape)}" if record else f"{len(records)} tensors"
+        raise IntegrityError(
+            f"{url}: item at {chunk.item_start} should hold chunk {list(chunk.offsets)} of tensor {tensor.fqn!r} "
+            f"({tensor.dtype} {list(chunk.sizes)}), it holds {found}",
+            url=url,
+        )
+    start = archive.tensor_byte_offset(record)
+    end = start + nbytes_of(record.dtype, record.shape)
+    if end > chunk.item_length:
+        raise TruncatedError(
+            f"{url}: item of tensor {tensor.fqn!r} at {chunk.item_start} is cut short", url=url
+        )
+    return Range(chunk.rel, chunk.item_start + start, chunk.item_start + end)
+
+
+def locate_chunks(checkpoint: DcpCheckpoint, tensors: Iterable[DcpTensor]) -> dict[str, tuple[Chunk, ...]]:
+    """fqn -> the chunks of each of ``tensors`` with the byte ranges of their elements (empty chunks, FSDP2's
+    last ranks, hold no bytes and are left out).
+
+    One data file at a time, the heads and tails of all its wanted items are fetched first, merged into few
+    ranged reads (over an object store: about one GET per large item, one per file of small ones), and let go
+    before the next file: memory is ~20 KB per item of one file, never tensor data.
+    """
+    wanted = list(tensors)
+    by_file: dict[str, list[tuple[DcpTensor, DcpChunk]]] = {}
+    for tensor in wanted:
+        for chunk in tensor.chunks:
+            if numel_of(chunk.sizes) > 0:
+                by_file.setdefault(chunk.rel, []).append((tensor, chunk))
+    ranges: dict[tuple[str, tuple[int, ...]], Range] = {}
+    for rel, items in by_file.items():
+        file = FileSource(checkpoint.location, rel, checkpoint.file_sizes[rel])
+        spans = []
+        for _, chunk in items:
+            start, end = chunk.item_start, chunk.item_start + chunk.item_length
+            if chunk.item_length <= 2 * _ITEM_TAIL_BYTES:
+                spans.append((start, end))  # FileSource.tail reads a small item whole
+            else:
+                spans += [(start, start + _ITEM_HEAD_BYTES), (end - _ITEM_TAIL_BYTES, end)]
+        file.prefetch(spans)
+        for tensor, chunk in items:
+            ranges[(tensor.fqn, chunk.offsets)] = chunk_byte_range(file, tensor, chunk)
+    return {
+        t.fqn: tuple(
+            Chunk(c.offsets, c.sizes, ranges[(t.fqn, c.offsets)]) for c in t.chunks if numel_of(c.sizes) > 0
+        )
+        for t in wanted
+    }

@@ -746,7 +746,7 @@ CASES: list[Case] = [
             "step-3/.metadata",
             lambda p: p.write_bytes(m.after_proto(p.read_bytes(), m.long_binput(2**32 - 1))),
         ),
-        commands=("list", "inspect-verify"),
+        commands=("list", "inspect-verify", "consolidate"),
     ),
     Case(
         "pickle-huge-binbytes8",
@@ -973,14 +973,14 @@ CASES: list[Case] = [
         "truncated-dcp-metadata",
         "dcp",
         at("step-3/.metadata", m.truncate_at, 5_000),
-        commands=("list", "inspect-verify"),
+        commands=("list", "inspect-verify", "consolidate"),
         expect=CORRUPT,
     ),
     Case(
         "truncated-dcp-shard",
         "dcp",
         at("step-3/__1_0.distcp", m.truncate_at, -1),
-        commands=("inspect-verify",),
+        commands=("inspect-verify", "consolidate"),
         expect=CORRUPT,
     ),
     Case(

@@ -1,4 +1,4 @@
-"""``ckptctl consolidate SRC OUT``: DeepSpeed ZeRO shards -> one safetensors file."""
+"""``ckptctl consolidate SRC OUT``: DeepSpeed ZeRO shards or a PyTorch DCP folder -> safetensors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ def consolidate(
         str,
         typer.Argument(
             metavar="SRC",
-            help="DeepSpeed save dir (uses latest), tag dir, or HF checkpoint-N holding one; local or URL.",
+            help="DeepSpeed save dir (uses latest), tag dir, HF checkpoint-N holding one, a DCP folder "
+            "(.metadata + *.distcp, or a folder holding one: torchtitan step-N, Accelerate "
+            "pytorch_model_fsdp_0), a torch .pt/.bin or Lightning .ckpt file, or an HF weights folder; "
+            "local or URL.",
         ),
     ],
     out: Annotated[
@@ -24,11 +27,33 @@ def consolidate(
         ),
     ],
     tag: Annotated[
-        str | None, typer.Option("--tag", help="Tag to convert instead of the one latest names.")
+        str | None,
+        typer.Option("--tag", help="Tag (or DCP step folder) to convert instead of the one latest names."),
     ] = None,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="fp32 (as DeepSpeed's zero_to_fp32), bf16 or fp16.")
-    ] = "fp32",
+        str | None,
+        typer.Option(
+            "--dtype",
+            help="Cast floating tensors to fp32, bf16 or fp16. Default: fp32 for ZeRO (as zero_to_fp32), "
+            "as stored for DCP.",
+        ),
+    ] = None,
+    prefix: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prefix",
+            metavar="P",
+            help="Write only the sub-tree P (whole dotted components: v_head matches v_head.weight, not "
+            "xv_head.weight) and strip P from the names. Repeatable.",
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", metavar="P", help="Leave the sub-tree P out. Repeatable."),
+    ] = None,
+    keep_prefix: Annotated[
+        bool, typer.Option("--keep-prefix", help="With --prefix, keep the names as they are.")
+    ] = False,
     exclude_frozen: Annotated[
         bool, typer.Option("--exclude-frozen", help="Leave frozen parameters out.")
     ] = False,
@@ -59,20 +84,28 @@ def consolidate(
     quiet: QuietOpt = False,
     storage_option: StorageOpt = None,
 ) -> None:
-    """Merge DeepSpeed ZeRO (stage 1, 2 or 3) shards into one safetensors file, bit-identical to zero_to_fp32.
+    """Merge a sharded checkpoint (DeepSpeed ZeRO, PyTorch DCP/FSDP2) or a torch state dict into safetensors.
 
-    Reads only the fp32 master weights from the optimizer files (never the Adam moments), without DeepSpeed or
-    torch, writing each tensor as it is assembled; the output appears under its name only when complete. Tied
-    weights are written once, with the aliases recorded in the header's metadata (--keep-tied writes copies).
+    ZeRO (stage 1, 2 or 3): reads only the fp32 master weights from the optimizer files (never the Adam moments), bit-identical
+    to zero_to_fp32. DCP (torchtitan, FSDP2, Accelerate FSDP, use_collectives=False saves): each tensor is
+    assembled from its chunks, which must tile it exactly; only the model weights are written (optimizer and
+    train state left out, a {"model": ...} wrapper dropped), non-tensor items are listed, never unpickled. No
+    DeepSpeed or torch needed; each tensor is written as it is assembled and the output appears under its name
+    only when complete. Tied weights are written once, with the aliases recorded in the header's metadata
+    (--keep-tied writes copies). Also reads torch state dicts (.pt/.bin, Lightning .ckpt: its state_dict) and
+    HF weights folders (pytorch_model*.bin or model*.safetensors, single or sharded).
 
     Examples:
 
       ckptctl consolidate /data/run42/checkpoint-900 model.safetensors
 
       ckptctl consolidate s3://bucket/run42 out/ --tag global_step900 --dtype bf16
+
+      ckptctl consolidate outputs/checkpoint/step-1000 policy.safetensors --prefix policy
     """
     from ckptctl.cli._output import Output
     from ckptctl.convert.consolidate import consolidate as run
+    from ckptctl.convert.selection import Selection
     from ckptctl.humanize import format_bytes, parse_size
     from ckptctl.storage.location import Location, parse_storage_options
 
@@ -80,6 +113,7 @@ def consolidate(
     options = parse_storage_options(storage_option or [])
     location = Location.from_url(src, options)
     shard_bytes = parse_size(max_shard_size) if max_shard_size else None
+    selection = Selection.build(prefix or [], exclude or [], keep_prefix=keep_prefix)
     with output.progress("consolidate", None) as bar:
         result = run(
             location,
@@ -92,13 +126,18 @@ def consolidate(
             max_shard_bytes=shard_bytes,
             copy_configs=copy_configs,
             out_options=options,
+            selection=selection,
             on_bytes=(lambda n: bar.advance(bar.task_ids[0], n)) if bar is not None else None,
         )
     output.result(result.to_dict())
     for warning in result.warnings:
         output.warn(warning)
+    source = (
+        f"ZeRO stage {result.stage}, {result.world_size} ranks"
+        if result.format == "zero"
+        else result.format.upper()
+    )
     output.info(
-        f"wrote {result.output}: {result.tensors} tensors, {result.parameters:,} parameters, "
-        f"{format_bytes(result.bytes_written)} (ZeRO stage {result.stage}, {result.world_size} ranks) "
-        f"in {result.seconds:.2f}s"
+        f"wrote {result.output}: {result.tensors} tensors kept, {result.dropped} dropped, "
+        f"{result.parameters:,} parameters, {format_bytes(result.bytes_written)} ({source}) in {result.seconds:.2f}s"
     )
