@@ -3,9 +3,11 @@
 Two runs are made at bench time in a temporary folder: one unit holding a 1 GiB file, and 10 units of 100 MB
 (HF Trainer-shaped, random bytes). Each is pushed and pulled by:
   ckptctl   ``ckptctl tier push RUN --to s3://...`` / ``tier pull URL DEST --all`` as a subprocess (verification
-            on: MD5 while reading, compared with the store's ETag; manifest written; pull fetches the parts of
-            each file as parallel ranged GETs, hashes and compares every file); pull also with ``--jobs 1``
-            (one GET per file)
+            on: full-object CRC64NVME + CRC32C while reading, sent as ``x-amz-checksum-crc64nvme`` and compared
+            with what the store answers; payload signing off; manifest written; pull fetches ranged GETs on
+            threads, hashes and compares every file); pull also with ``--jobs 1`` (one GET per file)
+  before    with ``--before SRC``: the same commands run from SRC, a source tree of ckptctl before issue 18
+            (MD5 while reading, Content-MD5 per part, ETag compare; e.g. ``git archive <commit> | tar -x -C SRC``)
   boto3     ``upload_file`` / ``download_file`` per file with the default TransferConfig (no verification);
             downloads also with ``multipart_threshold`` above the file size (one GET), boto3's best on moto
   s3fs      ``put`` of the file list / ``get`` (no verification)
@@ -17,7 +19,10 @@ pays besides moving data, and the last ratios take it out. The MD5 cost of verif
 ``--server rgw`` runs against Ceph RGW, a real S3 server that validates Content-MD5 (started and stopped by
 ``../shared/tools/servers.sh``; needs the Debian packages radosgw ceph-mon ceph-osd).
 
-Usage: python bench/tier.py [--server moto|rgw] [--repeat N] [--skip-small] [--skip-big] [--jobs N]
+boto3's ``upload_file`` signs every body over http (SigV4 SHA256) and adds CRC32 (botocore's default); ckptctl's
+data path sends the CRC64NVME header unsigned. The store's checksum level (A/B/C) is read from ``tier status --json``.
+
+Usage: python bench/tier.py [--server moto|rgw] [--repeat N] [--skip-small] [--skip-big] [--jobs N] [--before SRC]
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 import argparse
 import hashlib
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -94,6 +100,10 @@ def make_run(root: Path, units: int, size: int) -> list[Path]:
     return files
 
 
+def status_cmd(run: Path) -> list[str]:
+    return [str(BIN / "ckptctl"), "tier", "status", str(run), "--remote", "s3://bench/run"]
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
     """Wall seconds and client CPU seconds (this process and its children)."""
     before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -112,6 +122,7 @@ def main() -> None:
     parser.add_argument("--skip-small", action="store_true")
     parser.add_argument("--skip-big", action="store_true")
     parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--before", type=Path, default=None, help="source tree of ckptctl before issue 18")
     args = parser.parse_args()
 
     import boto3
@@ -132,7 +143,9 @@ def main() -> None:
 
     try:
         for title, units, size in scenarios:
-            bench_scenario(title, units, size, tmp, endpoint, client, fs, jobs, args.repeat, args.server)
+            bench_scenario(
+                title, units, size, tmp, endpoint, client, fs, jobs, args.repeat, args.server, args.before
+            )
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,6 +162,7 @@ def bench_scenario(
     jobs: list[str],
     repeat: int,
     server: str,
+    before: Path | None = None,
 ) -> None:
     """Push and pull one generated run with every method, ``repeat`` times; print medians and ratios."""
     from boto3.s3.transfer import TransferConfig
@@ -202,6 +216,8 @@ def bench_scenario(
             "-q",
             *jobs,
         ]
+        old_env = {**env, "PYTHONPATH": str(before)} if before else env
+        old = [sys.executable, "-m", "ckptctl", *cmd[1:]]
         pushes = {
             "push ckptctl": lambda cmd=cmd: subprocess.run(cmd, check=True, env=env),
             "push boto3 upload_file": lambda: [
@@ -209,6 +225,10 @@ def bench_scenario(
             ],
             "push s3fs put": lambda: fs.put([str(run / r) for r in rels], [f"bench/s/{r}" for r in rels]),
         }
+        if before:
+            pushes["push ckptctl before (MD5)"] = lambda old=old, old_env=old_env: subprocess.run(
+                old, check=True, env=old_env
+            )
         # A different order each round: moto's cost for one upload depends on what it did just before.
         names = list(pushes)
         names = names[round_ % len(names) :] + names[: round_ % len(names)]
@@ -234,9 +254,30 @@ def bench_scenario(
             "-q",
         ]
         record("pull ckptctl", *timed(lambda pull=pull: subprocess.run([*pull, *jobs], check=True, env=env)))
+        levels = subprocess.run(
+            [*status_cmd(run), "--json", "-o", f"endpoint_url={endpoint}"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        store_levels = sorted(set(re.findall(r'"store_level": "?(\w+)"?', levels.stdout)))
+        shutil.rmtree(dest)
+        dest.mkdir()
+        if before:
+            subprocess.run(old, check=True, env=old_env)  # the old push over the same keys: its manifests
+            record(
+                "pull ckptctl before (MD5)",
+                *timed(
+                    lambda pull=pull, old_env=old_env: subprocess.run(
+                        [sys.executable, "-m", "ckptctl", *pull[1:], *jobs], check=True, env=old_env
+                    )
+                ),
+            )
+            shutil.rmtree(dest)
+            dest.mkdir()
         # What every ckptctl invocation pays before and besides moving data (interpreter and imports, client
         # setup, listing the remote run, reading manifests); the boto3 and s3fs rows run in this warm process.
-        status = [str(BIN / "ckptctl"), "tier", "status", str(run), "--remote", "s3://bench/run"]
+        status = status_cmd(run)
         record(
             FIXED,
             *timed(
@@ -282,7 +323,10 @@ def bench_scenario(
         shutil.rmtree(dest)
     wipe()
     print(f"\n## {title} ({total / MB:.0f} MB), {server} on 127.0.0.1, median of {repeat}")
-    print(f"{'method':40s} {'MB/s':>8s} {'wall s':>8s} {'CPU s':>8s}")
+    print(
+        f"store checksum level (tier status): {', '.join(store_levels) or '?'}; payload signing: ckptctl off, boto3 on"
+    )
+    print(f"{'method':40s} {'MB/s':>8s} {'wall s':>8s} {'CPU s':>8s} {'CPU s/GiB':>10s}")
     medians = {}
     walls = {}
     for name, runs in results.items():
@@ -291,7 +335,8 @@ def bench_scenario(
         walls[name] = wall
         medians[name] = total / wall / MB
         rate = "-" if name == FIXED else f"{medians[name]:.1f}"
-        print(f"{name:40s} {rate:>8s} {wall:8.2f} {cpu:8.2f}")
+        per_gib = "-" if name == FIXED else f"{cpu / (total / 2**30):.2f}"
+        print(f"{name:40s} {rate:>8s} {wall:8.2f} {cpu:8.2f} {per_gib:>10s}")
     print(f"MD5 of the data (verification cost, one pass): {md5_cpu:.2f} CPU s")
     print(
         f"ratio push ckptctl / boto3 upload_file: {medians['push ckptctl'] / medians['push boto3 upload_file']:.2f}x"

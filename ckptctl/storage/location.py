@@ -682,21 +682,11 @@ class Location:
 
     def upload_file(self, local_path: str, rel: str) -> None:
         """Copy a local file to ``rel``. Object stores make it visible only once whole (single or multipart PUT);
-        locally it goes through a temporary name and a rename."""
-        if self.is_local:
-            import shutil
+        locally it goes through a temporary name and a rename. The bytes take tier's verified copy
+        (``storage.transfer.upload``: hashed once as they pass, checked against what the store reports)."""
+        from ckptctl.storage.transfer import upload
 
-            from ckptctl.storage.atomic import atomic_local_file
-
-            with (
-                self.errors(rel),
-                open(local_path, "rb") as source,
-                atomic_local_file(self.full_path(rel)) as sink,
-            ):
-                shutil.copyfileobj(source, sink, 16 * 2**20)
-            return
-        with self.errors(rel):
-            self.fs.put_file(local_path, self.full_path(rel))
+        upload(local_path, self, rel)
 
     def remove_empty_folder(self, rel: str) -> None:
         """Remove a folder marker left after its files were deleted (local rmdir; a no-op on object stores)."""

@@ -2,8 +2,14 @@
 
 ``push`` writes ``<remote run>/.ckptctl-tier/<unit>.json`` only after every file of the unit is uploaded and
 verified, so a unit without a valid manifest is not tiered, whatever files exist. The manifest lists every file
-with its size and digest (``storage.transfer``: MD5, S3-ETag-shaped for multipart files); ``status`` and ``pull``
-check the store against it. ``remote_view`` reads the remote run in one listing plus one GET per manifest.
+with its size and digest; ``status`` and ``pull`` check the store against it. ``remote_view`` reads the remote run in
+one listing plus one GET per manifest.
+
+Version 2 (written by push): per file ``size``, full-object ``crc64nvme`` and ``crc32c`` (base64, as S3 and GCS
+print them; ``storage.checksums``), the ``part_size`` it was uploaded with, and the store's ``etag`` once verified
+(an "unchanged since push" token); per manifest the store's checksum ``store_level`` (``storage.s3_data``).
+Version 1 (still read, never written by push): per file an MD5 ``digest``, S3-ETag-shaped for multipart files of
+``part_size``. Both are validated field by field: a manifest is remote input.
 """
 
 from __future__ import annotations
@@ -14,15 +20,30 @@ import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptctl import __version__
 from ckptctl.errors import IntegrityError, NoSuchBucketError, NotFoundError
+from ckptctl.storage.checksums import CRC32C_BYTES, CRC64_BYTES, Hasher, crc_from_b64
 from ckptctl.storage.location import FileEntry, Location
-from ckptctl.storage.transfer import MAX_PARTS, MIN_PART_SIZE, reread_digest, store_digest
+from ckptctl.storage.transfer import (
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    is_s3,
+    reread,
+    store_md5_digest,
+    stored_checksum,
+)
+
+if TYPE_CHECKING:
+    from ckptctl.storage.s3_data import S3DataPath
 
 MANIFEST_DIR = ".ckptctl-tier"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+VERSIONS = (1, 2)
+STORE_LEVELS = ("A", "B", "C", "crc32c")
+"""What verified the objects at push (``storage.s3_data`` levels; ``crc32c``: GCS's own CRC32C)."""
+MAX_ETAG = 256
 MAX_MANIFEST_BYTES = 32 * 2**20
 """About 150,000 files of one checkpoint; a manifest is read whole, so this bounds the memory it can cost."""
 MAX_PART_SIZE = 5 * 2**30  # S3's maximum part size
@@ -40,10 +61,40 @@ class ManifestFile:
     path: str
     """Relative to the run, as on the local disk."""
     size: int
-    digest: str
+    digest: str | None
+    """v1 only: the MD5 (S3-ETag-shaped for parts of ``part_size``)."""
     part_size: int | None
     mtime: float | None = None
     """The local modification time, restored by pull (the catalog orders and settles checkpoints by it)."""
+    crc64nvme: str | None = None
+    """v2: full-object CRC64NVME, base64."""
+    crc32c: str | None = None
+    """v2: full-object CRC32C, base64."""
+    etag: str | None = None
+    """v2: the store's ETag once the object was verified (None where the store has none)."""
+
+    @property
+    def md5_part_size(self) -> int | None:
+        """What a ``Hasher`` needs to check this file: v1 MD5 parts (0: one MD5), None for v2 (CRCs only)."""
+        return None if self.digest is None else (self.part_size or 0)
+
+    def matches(self, hasher: Hasher) -> bool:
+        """Whether the bytes ``hasher`` was fed are this file."""
+        if self.digest is not None:
+            return hasher.digest.size == self.size and hasher.etag == self.digest
+        return (
+            hasher.digest.size == self.size
+            and hasher.digest.crc64nvme_b64 == self.crc64nvme
+            and hasher.digest.crc32c_b64 == self.crc32c
+        )
+
+    def shown(self, hasher: Hasher | None = None) -> str:
+        """This file's digest for a message (or what ``hasher`` computed, in the same form)."""
+        if self.digest is not None:
+            return hasher.etag if hasher else self.digest
+        if hasher is None:
+            return f"CRC64NVME {self.crc64nvme}"
+        return f"CRC64NVME {hasher.digest.crc64nvme_b64} ({hasher.digest.size} bytes)"
 
 
 @dataclass(frozen=True)
@@ -56,14 +107,21 @@ class Manifest:
     source: str
     created: float = field(default_factory=time.time)
     ckptctl_version: str = __version__
+    store_level: str | None = None
+    """v2: what verified the objects at push (STORE_LEVELS), None where nothing but sizes and a re-read could."""
+
+    @property
+    def version(self) -> int:
+        """2 when every file has CRCs, else 1 (v1 manifests are re-encoded as they were read)."""
+        return 2 if all(f.crc64nvme is not None for f in self.files) else 1
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
     def encode(self) -> bytes:
-        payload = {
-            "ckptctl_manifest_version": MANIFEST_VERSION,
+        payload: dict[str, Any] = {
+            "ckptctl_manifest_version": self.version,
             "ckptctl_version": self.ckptctl_version,
             "unit": self.unit,
             "kind": self.kind,
@@ -72,17 +130,10 @@ class Manifest:
             "source": self.source,
             "created": self.created,
             "total_bytes": self.total_bytes,
-            "files": [
-                {
-                    "path": f.path,
-                    "size": f.size,
-                    "digest": f.digest,
-                    "part_size": f.part_size,
-                    "mtime": f.mtime,
-                }
-                for f in self.files
-            ],
+            "files": [_encoded_file(f, self.version) for f in self.files],
         }
+        if self.version == 2:
+            payload["store_level"] = self.store_level
         return json.dumps(payload, indent=1).encode()
 
     @classmethod
@@ -104,8 +155,11 @@ class Manifest:
         if not isinstance(payload, dict):
             raise _Invalid("not a JSON object")
         version = payload.get("ckptctl_manifest_version")
-        if type(version) is not int or version != MANIFEST_VERSION:
+        if type(version) is not int or version not in VERSIONS:
             raise _Invalid(f"not a ckptctl manifest of a known version ({_shown(version)})")
+        level = payload.get("store_level") if version == 2 else None
+        if level is not None and level not in STORE_LEVELS:
+            raise _Invalid(f"store_level {_shown(level)} is not one of {', '.join(STORE_LEVELS)}")
         unit = _string(payload, "unit")
         kind = _string(payload, "kind")
         if kind not in KINDS:
@@ -116,7 +170,7 @@ class Manifest:
         raw_files = payload.get("files")
         if not isinstance(raw_files, list) or not raw_files:
             raise _Invalid("files is not a non-empty list")
-        files = tuple(_file(entry, index) for index, entry in enumerate(raw_files))
+        files = tuple(_file(entry, index, version) for index, entry in enumerate(raw_files))
         paths = [f.path for f in files]
         _check_paths(unit, kind, paths)
         if len(set(paths)) != len(paths):
@@ -134,6 +188,7 @@ class Manifest:
             source=_string(payload, "source", ""),
             created=_timestamp(created, "created"),
             ckptctl_version=_string(payload, "ckptctl_version", ""),
+            store_level=level,
         )
 
 
@@ -191,16 +246,53 @@ def _timestamp(value: Any, what: str) -> float:
     return float(value)
 
 
-def _file(entry: Any, index: int) -> ManifestFile:
+def _encoded_file(item: ManifestFile, version: int) -> dict[str, Any]:
+    if version == 1:
+        return {
+            "path": item.path,
+            "size": item.size,
+            "digest": item.digest,
+            "part_size": item.part_size,
+            "mtime": item.mtime,
+        }
+    return {
+        "path": item.path,
+        "size": item.size,
+        "crc64nvme": item.crc64nvme,
+        "crc32c": item.crc32c,
+        "part_size": item.part_size,
+        "etag": item.etag,
+        "mtime": item.mtime,
+    }
+
+
+def _crc(entry: dict[str, Any], key: str, width: int, where: str) -> str:
+    value = _string(entry, key)
+    if crc_from_b64(value, width) is None:
+        raise _Invalid(f"{where}: {key} {_shown(value)} is not a base64 {8 * width}-bit CRC")
+    return value
+
+
+def _file(entry: Any, index: int, version: int) -> ManifestFile:
     where = f"files[{index}]"
     if not isinstance(entry, dict):
         raise _Invalid(f"{where} is not an object")
     path = _string(entry, "path")
     where = f"file {_shown(path)}"
     size = _integer(entry.get("size"), f"{where}: size", 0, MAX_SIZE)
-    digest = _string(entry, "digest")
-    if not _DIGEST.fullmatch(digest):
-        raise _Invalid(f"{where}: digest {_shown(digest)} is not an MD5 (or S3 multipart ETag)")
+    digest = crc64 = crc32c = etag = None
+    if version == 1:
+        digest = _string(entry, "digest")
+        if not _DIGEST.fullmatch(digest):
+            raise _Invalid(f"{where}: digest {_shown(digest)} is not an MD5 (or S3 multipart ETag)")
+    else:
+        crc64 = _crc(entry, "crc64nvme", CRC64_BYTES, where)
+        crc32c = _crc(entry, "crc32c", CRC32C_BYTES, where)
+        etag = entry.get("etag")
+        if etag is not None and (
+            not isinstance(etag, str) or not 0 < len(etag) <= MAX_ETAG or not etag.isprintable()
+        ):
+            raise _Invalid(f"{where}: etag {_shown(etag)} is not a short printable string")
     part_size = entry.get("part_size")
     if part_size is not None:
         _integer(part_size, f"{where}: part_size", MIN_PART_SIZE, MAX_PART_SIZE)
@@ -208,7 +300,14 @@ def _file(entry: Any, index: int) -> ManifestFile:
             raise _Invalid(f"{where}: {size} bytes in parts of {part_size} is over {MAX_PARTS} parts")
     mtime = entry.get("mtime")
     return ManifestFile(
-        path, size, digest, part_size, None if mtime is None else _timestamp(mtime, f"{where}: mtime")
+        path,
+        size,
+        digest,
+        part_size,
+        None if mtime is None else _timestamp(mtime, f"{where}: mtime"),
+        crc64,
+        crc32c,
+        etag,
     )
 
 
@@ -345,8 +444,13 @@ class Check:
         return self.state in ("verified", "size-only")
 
 
-def check_manifest(view: RemoteView, manifest: Manifest, *, reread: bool = False) -> Check:
-    """Compare every file of a manifest with the listed object: present, same size, same digest."""
+def check_manifest(
+    view: RemoteView, manifest: Manifest, *, reread: bool = False, data: S3DataPath | None = None
+) -> Check:
+    """Compare every file of a manifest with the listed object: present, same size, same bytes as far as the
+    listing tells (v2: the ETag recorded once push verified the object, or GCS's CRC32C; v1: the MD5-shaped
+    ETag or md5Hash). With ``reread``: the store's own full-object checksum (S3 HeadObject with ChecksumMode,
+    GCS ``info``: one request a file) or, where it keeps none, the object read back and hashed."""
     problems: list[str] = []
     size_only = False
     for item in manifest.files:
@@ -357,16 +461,67 @@ def check_manifest(view: RemoteView, manifest: Manifest, *, reread: bool = False
         if entry.size != item.size:
             problems.append(f"{item.path}: {entry.size} bytes on the store, {item.size} in the manifest")
             continue
-        theirs = store_digest(entry, item.part_size)
-        if theirs is None and reread:
-            theirs = reread_digest(view.location, item.path, item.part_size)
-        if theirs is None:
+        if reread and data is None and is_s3(view.location):
+            from ckptctl.storage.transfer import open_data_path
+
+            data = open_data_path(view.location, 4)
+        verdict = _compare(view.location, item, entry, reread, data)
+        if verdict is _UNKNOWN:
             size_only = True
-        elif theirs != item.digest:
-            problems.append(f"{item.path}: digest {theirs} on the store, {item.digest} in the manifest")
+        elif verdict is not None:
+            problems.append(f"{item.path}: {verdict}")
     if problems:
         return Check("bad", tuple(problems))
     return Check("size-only" if size_only else "verified")
+
+
+_UNKNOWN = "unknown"
+
+
+def _compare(
+    location: Location, item: ManifestFile, entry: FileEntry, reread_: bool, data: S3DataPath | None
+) -> str | None:
+    """None when the object is the manifest's file, ``_UNKNOWN`` when nothing tells, else what differs."""
+    if item.digest is not None:
+        theirs = store_md5_digest(entry, item.part_size)
+        if theirs is None and reread_:
+            theirs = reread(location, item.path, item.size, item.md5_part_size, data).etag
+        if theirs is None:
+            return _UNKNOWN
+        return (
+            None if theirs == item.digest else f"digest {theirs} on the store, {item.digest} in the manifest"
+        )
+    if reread_:
+        stored = _stored_crc(location, item, data)
+        if stored is not None:
+            return stored or None
+        hasher = reread(location, item.path, item.size, None, data)
+        return (
+            None
+            if item.matches(hasher)
+            else f"{item.shown(hasher)} on the store, {item.shown()} in the manifest"
+        )
+    if entry.checksum and entry.checksum.startswith("crc32c:"):
+        theirs = entry.checksum[len("crc32c:") :]
+        return (
+            None if theirs == item.crc32c else f"CRC32C {theirs} on the store, {item.crc32c} in the manifest"
+        )
+    if item.etag is None or entry.etag is None:
+        return _UNKNOWN
+    if entry.etag == item.etag:
+        return None
+    return f"ETag {entry.etag} on the store, {item.etag} in the manifest: the object changed since push"
+
+
+def _stored_crc(location: Location, item: ManifestFile, data: S3DataPath | None) -> str | None:
+    """Compare the full-object checksum the store keeps (S3 CRC64NVME, GCS CRC32C) with the manifest's: "" when
+    they agree, what differs when not, None when the store keeps none (then only a re-read can tell)."""
+    held = stored_checksum(location, item.path, data)
+    if held is None:
+        return None
+    name, theirs = held
+    want = item.crc64nvme if name == "crc64nvme" else item.crc32c
+    return "" if theirs == want else f"{name.upper()} {theirs} on the store, {want} in the manifest"
 
 
 def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:

@@ -42,7 +42,8 @@ from ckptctl.storage.atomic import (
     prepare_partial_folder,
 )
 from ckptctl.storage.location import Location, refuse_overlap
-from ckptctl.storage.transfer import digest_local_file, download
+from ckptctl.storage.s3_data import S3DataPath
+from ckptctl.storage.transfer import digest_local_file, download, open_data_path
 from ckptctl.tiering.manifest import (
     BadManifest,
     Manifest,
@@ -162,7 +163,7 @@ def pull(
     manifest = pick_manifest(view, step, latest)
     if on_manifest:
         on_manifest(manifest)
-    return _pull_unit(remote, view, manifest, dest, jobs, on_bytes)
+    return _pull_unit(remote, view, manifest, dest, jobs, on_bytes, open_data_path(remote, jobs))
 
 
 def pull_run(
@@ -200,6 +201,7 @@ def pull_run(
     chosen.sort(key=lambda m: (m.step is None, m.step or 0, m.unit))
     started = time.monotonic()
     result = RunPullResult([], [], [], 0.0, corrupt=corrupt)
+    data = open_data_path(remote, jobs) if chosen else None  # one client for the run
     for manifest in chosen:
         dest = os.path.join(os.path.abspath(dest_root), *manifest.unit.split("/"))
         if os.path.lexists(dest):
@@ -208,7 +210,7 @@ def pull_run(
         if on_manifest:
             on_manifest(manifest)
         try:
-            result.pulled.append(_pull_unit(remote, view, manifest, dest, jobs, on_bytes))
+            result.pulled.append(_pull_unit(remote, view, manifest, dest, jobs, on_bytes, data))
         except (IntegrityError, NotFoundError) as exc:
             result.failed.append((manifest, exc))
     sound = {m.unit for m in chosen} - {m.unit for m, _ in result.failed}
@@ -236,8 +238,9 @@ def _pull_unit(
     dest: str,
     jobs: int,
     on_bytes: Callable[[int], None] | None,
+    data: S3DataPath | None,
 ) -> PullResult:
-    check = check_manifest(view, manifest)
+    check = check_manifest(view, manifest)  # from the listing already made: no request
     if not check.ok:
         raise IntegrityError(
             f"the remote copy of {manifest.unit} does not match its manifest: {check.problems[0]}"
@@ -266,16 +269,17 @@ def _pull_unit(
                 item.path,
                 target,
                 size=item.size,
-                part_size=item.part_size,
+                md5_part_size=item.md5_part_size,
                 on_bytes=progress,
-                parts_pool=parts_pool if jobs > 1 else None,
+                jobs=jobs,
+                data=data,
             )
-            if got != item.digest:
+            if not item.matches(got):
                 with contextlib.suppress(OSError):
                     os.unlink(target)
                 raise ChecksumMismatchError(
-                    f"{remote.url_of(item.path)}: downloaded bytes have digest {got}, the manifest says "
-                    f"{item.digest}",
+                    f"{remote.url_of(item.path)}: downloaded bytes have {item.shown(got)}, the manifest says "
+                    f"{item.shown()}",
                     url=remote.url_of(item.path),
                     hint="the remote copy is corrupt; re-run tier push from a machine that still has it",
                 )
@@ -283,12 +287,9 @@ def _pull_unit(
                 os.utime(target, (item.mtime, item.mtime), follow_symlinks=False)
             return item.size, 0
 
-        # Files on one pool, the parts of big S3 objects on another: a worker waiting for its parts never holds
-        # a slot that those parts need.
-        with (
-            ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="ckptctl-part") as parts_pool,
-            ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="ckptctl-pull") as pool,
-        ):
+        # Files side by side; a big S3 object's ranges on a pool of their own (``S3DataPath.download``), so a
+        # file waiting for its ranges never holds a slot that they need.
+        with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="ckptctl-pull") as pool:
             for got, kept in pool.map(fetch, manifest.files):
                 downloaded += got
                 reused += kept
@@ -316,7 +317,7 @@ def _reusable(target: str, item: ManifestFile) -> bool:
             url=target,
             hint="remove the partial folder yourself if it is not needed, then re-run",
         )
-    if info.st_size == item.size and digest_local_file(target, item.part_size) == item.digest:
+    if info.st_size == item.size and item.matches(digest_local_file(target, item.md5_part_size)):
         return True
     os.unlink(target)
     return False

@@ -26,15 +26,17 @@ from ckptctl.catalog.scan import scan_run
 from ckptctl.errors import ChecksumMismatchError, CkptctlError, RefusedError, UsageError
 from ckptctl.retention.plan import COMPLETION_MARKERS, PrunePlan, PruneResult, execute, plan_prune
 from ckptctl.retention.policy import Decision, Policy
+from ckptctl.storage.checksums import Digest
 from ckptctl.storage.location import Location, refuse_overlap
+from ckptctl.storage.s3_data import S3DataPath
 from ckptctl.storage.transfer import (
     DEFAULT_PART_SIZE,
     Uploaded,
     abort_stale_uploads,
     digest_local_file,
-    part_size_for,
-    reread_digest,
-    store_digest,
+    open_data_path,
+    reread,
+    stored_checksum,
     upload,
 )
 from ckptctl.tiering.manifest import (
@@ -91,6 +93,10 @@ class PushResult:
     aborted_uploads: int = 0
     pointers: list[PointerCopy] = field(default_factory=list)
     """Pointer files (``latest``...) written to the remote after the manifest of the checkpoint they name."""
+    store_level: str | None = None
+    """S3: the store's checksum level detected on the first file (``storage.s3_data``: A, B or C)."""
+    notes: list[str] = field(default_factory=list)
+    """Said once per run (a store that rejects checksum headers, say)."""
 
     @property
     def failed(self) -> list[UnitOutcome]:
@@ -151,6 +157,7 @@ def push(
     scan = scan_run(local, settle_seconds=options.settle_seconds)
     view = remote_view(remote)
     result = PushResult()
+    data_path = None if options.dry_run else open_data_path(remote, options.jobs)
     for unit in select_units(scan.units, options, scan.scanned_at):
         if _already_tiered(view, unit):
             result.outcomes.append(UnitOutcome(unit, "already"))
@@ -163,7 +170,7 @@ def push(
         started = time.monotonic()
         emit("start", unit=unit)
         try:
-            sent, aborted = _push_unit(local, remote, view, unit, options, on_bytes)
+            sent, aborted = _push_unit(local, remote, view, unit, options, on_bytes, data_path)
             result.aborted_uploads += aborted
         except (CkptctlError, OSError) as exc:
             detail = exc.message if isinstance(exc, CkptctlError) else f"{type(exc).__name__}: {exc}"
@@ -173,8 +180,11 @@ def push(
                 raise
             continue
         seconds = time.monotonic() - started
-        result.outcomes.append(UnitOutcome(unit, "uploaded", sent, seconds))
-        emit("uploaded", unit=unit, bytes=sent, seconds=seconds)
+        news = data_path.notes[len(result.notes) :] if data_path is not None else []
+        result.notes += news
+        result.outcomes.append(UnitOutcome(unit, "uploaded", sent, seconds, "; ".join(news)))
+        emit("uploaded", unit=unit, bytes=sent, seconds=seconds, detail="; ".join(news))
+    result.store_level = data_path.level if data_path is not None else None
     tiered = {o.unit.path for o in result.outcomes if o.action in ("uploaded", "already", "would-upload")}
     # A pointer may name a checkpoint an earlier push tiered, outside this run's --steps/--min-age.
     named = (scan.unit(p.target) for p in scan.pointers)
@@ -216,6 +226,7 @@ def _push_unit(
     unit: Unit,
     options: PushOptions,
     on_bytes: Callable[[str, int], None] | None,
+    data_path: S3DataPath | None,
 ) -> tuple[int, int]:
     """Upload, verify and commit one unit; returns (bytes sent, stale multipart uploads aborted)."""
     aborted = abort_stale_uploads(remote, unit.path + "/" if unit.kind == "dir" else unit.path)
@@ -233,10 +244,12 @@ def _push_unit(
     done: dict[str, Uploaded] = {}
     sent = 0
     for batch in (data, markers):
-        for item in _transfer_batch(local, remote, view, [f.path for f in batch], options, progress):
+        for item in _transfer_batch(
+            local, remote, view, [f.path for f in batch], options, progress, data_path
+        ):
             done[item[0].rel] = item[0]
             sent += item[1]
-    _verify_unit(remote, unit, done)
+    _verify_unit(remote, unit, done, data_path)
     _check_unchanged(local, unit)
     manifest = Manifest(
         unit=unit.path,
@@ -247,13 +260,17 @@ def _push_unit(
             ManifestFile(
                 f.path,
                 done[f.path].size,
-                done[f.path].digest,
+                None,
                 done[f.path].part_size,
                 plausible_timestamp(f.mtime),
+                done[f.path].digest.crc64nvme_b64,
+                done[f.path].digest.crc32c_b64,
+                done[f.path].etag,
             )
             for f in unit.files
         ),
         source=local.url,
+        store_level=_weakest({u.level for u in done.values()}),
     )
     rel = manifest_rel(unit.path)
     encoded = manifest.encode()
@@ -276,23 +293,26 @@ def _transfer_batch(
     rels: list[str],
     options: PushOptions,
     progress: Callable[[int], None],
+    data_path: S3DataPath | None,
 ) -> list[tuple[Uploaded, int]]:
     """Upload files: large ones one at a time with parallel parts, small ones side by side (memory stays
-    within ``jobs`` parts either way). A file the store already holds with our digest is not sent again."""
+    within ``jobs`` parts either way). A file the store already holds with our digest (its own full-object
+    checksum, one request) is not sent again: an interrupted push resumes where it stopped."""
 
     def one(rel: str, part_jobs: int) -> tuple[Uploaded, int]:
         path = local.full_path(rel)
-        size = os.path.getsize(path)
-        parts = part_size_for(remote, size, options.part_size)
         entry = view.entries.get(rel)
-        if entry is not None and entry.size == size:
-            theirs = store_digest(entry, parts)
-            if theirs is not None:
-                ours = digest_local_file(path, parts)
-                if ours == theirs:
-                    progress(size)
-                    return Uploaded(rel, size, ours, parts), 0
-        return upload(path, remote, rel, part_size=options.part_size, jobs=part_jobs, on_bytes=progress), size
+        if entry is not None and entry.size == os.path.getsize(path):
+            held = stored_checksum(remote, rel, data_path)
+            if held is not None:
+                ours = digest_local_file(path).digest
+                if held == _named(held[0], ours):
+                    progress(ours.size)
+                    return Uploaded(rel, ours, None, entry.etag, _LEVEL_OF[held[0]]), 0
+        uploaded = upload(
+            path, remote, rel, part_size=options.part_size, jobs=part_jobs, on_bytes=progress, data=data_path
+        )
+        return uploaded, uploaded.size
 
     big = [r for r in rels if os.path.getsize(local.full_path(r)) > options.part_size]
     small = [r for r in rels if r not in set(big)]
@@ -303,8 +323,26 @@ def _transfer_batch(
     return results
 
 
-def _verify_unit(remote: Location, unit: Unit, done: dict[str, Uploaded]) -> None:
-    """List what the store holds for the unit now and compare it with what was sent."""
+_LEVEL_OF = {"crc64nvme": "A", "crc32c": "crc32c"}
+_LEVEL_RANK = ("C", "B", "crc32c", "A")
+
+
+def _named(name: str, digest: Digest) -> tuple[str, str]:
+    return name, digest.crc64nvme_b64 if name == "crc64nvme" else digest.crc32c_b64
+
+
+def _weakest(levels: set[str | None]) -> str | None:
+    """A unit's level: that of its least verified file (None when a file was verified by a re-read only)."""
+    if not levels or None in levels:
+        return None
+    return min((str(level) for level in levels), key=_LEVEL_RANK.index)
+
+
+def _verify_unit(
+    remote: Location, unit: Unit, done: dict[str, Uploaded], data_path: S3DataPath | None
+) -> None:
+    """List what the store holds for the unit now and compare it with what was sent: sizes, the ETag the
+    upload answered with, and, where the store checked nothing itself (level None), a re-read."""
     if unit.kind == "dir":
         prefix = f"{unit.path}/"
         fresh = {prefix + e.path: e for e in remote.child(unit.path).walk() if e.type == "file"}
@@ -318,14 +356,20 @@ def _verify_unit(remote: Location, unit: Unit, done: dict[str, Uploaded]) -> Non
                 f"{remote.url_of(rel)}: {found} on the store after upload, sent {sent.size} bytes",
                 url=remote.url_of(rel),
             )
-        theirs = store_digest(entry, sent.part_size)
-        if theirs is None:
-            theirs = reread_digest(remote, rel, sent.part_size)
-        if theirs != sent.digest:
+        if sent.etag is not None and entry.etag is not None and sent.etag != entry.etag:
             raise ChecksumMismatchError(
-                f"{remote.url_of(rel)}: digest {theirs} on the store, sent {sent.digest}",
+                f"{remote.url_of(rel)}: replaced on the store during the push (ETag {entry.etag}, "
+                f"the upload gave {sent.etag})",
                 url=remote.url_of(rel),
             )
+        if sent.level is None:
+            back = reread(remote, rel, sent.size, None, data_path).digest
+            if back != sent.digest:
+                raise ChecksumMismatchError(
+                    f"{remote.url_of(rel)}: CRC64NVME {back.crc64nvme_b64} on the store, "
+                    f"sent {sent.digest.crc64nvme_b64}",
+                    url=remote.url_of(rel),
+                )
 
 
 def _check_unchanged(local: Location, unit: Unit) -> None:

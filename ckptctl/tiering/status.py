@@ -9,6 +9,8 @@ from ckptctl.catalog.model import Unit
 from ckptctl.catalog.scan import scan_run
 from ckptctl.errors import NotFoundError
 from ckptctl.storage.location import Location
+from ckptctl.storage.s3_data import S3DataPath
+from ckptctl.storage.transfer import open_data_path
 from ckptctl.tiering.manifest import Manifest, RemoteView, check_manifest, remote_view
 
 
@@ -24,6 +26,9 @@ class StatusRow:
     no manifest: an interrupted push) or ``-`` (not on the remote)."""
     remote_bytes: int
     problems: tuple[str, ...] = ()
+    store_level: str | None = None
+    """What verified the remote copy at push (``tiering.manifest.STORE_LEVELS``: S3 levels A, B, C, or GCS
+    ``crc32c``); None for v1 manifests and stores that check nothing themselves."""
 
     @property
     def where(self) -> str:
@@ -44,6 +49,7 @@ class StatusRow:
             "remote": self.remote,
             "remote_bytes": self.remote_bytes,
             "problems": list(self.problems),
+            "store_level": self.store_level,
         }
 
 
@@ -58,6 +64,7 @@ def tier_status(
             raise
         units = ()  # everything may have been freed, or the run is being restored elsewhere
     view = remote_view(remote)
+    data = open_data_path(remote, 4) if reread else None  # one client for every HeadObject of --verify
     bad_by_unit = {bad.unit: bad for bad in view.bad_manifests.values() if bad.unit is not None}
     rows: list[StatusRow] = []
     seen: set[str] = set()
@@ -65,7 +72,7 @@ def tier_status(
         seen.add(unit.path)
         manifest = view.manifests.get(unit.path)
         if manifest is not None:
-            rows.append(_checked(view, manifest, unit.status.value, unit.total_bytes, reread))
+            rows.append(_checked(view, manifest, unit.status.value, unit.total_bytes, reread, data))
             continue
         objects = view.objects_of(unit.path, unit.kind)
         remote_bytes = sum(e.size for e in objects)
@@ -93,7 +100,7 @@ def tier_status(
         rows.append(row)
     for path, manifest in view.manifests.items():
         if path not in seen:
-            rows.append(_checked(view, manifest, None, 0, reread))
+            rows.append(_checked(view, manifest, None, 0, reread, data))
     for bad in view.bad_manifests.values():
         if bad.unit is None or bad.unit not in seen:
             rows.append(StatusRow(bad.shown, bad.step, None, 0, "corrupt", 0, (bad.error.message,)))
@@ -102,11 +109,23 @@ def tier_status(
 
 
 def _checked(
-    view: RemoteView, manifest: Manifest, local: str | None, local_bytes: int, reread: bool
+    view: RemoteView,
+    manifest: Manifest,
+    local: str | None,
+    local_bytes: int,
+    reread: bool,
+    data: S3DataPath | None,
 ) -> StatusRow:
     """The row of a checkpoint that has a manifest: what the store holds, checked against it."""
-    check = check_manifest(view, manifest, reread=reread)
+    check = check_manifest(view, manifest, reread=reread, data=data)
     state = check.state if check.ok else "corrupt"
     return StatusRow(
-        manifest.unit, manifest.step, local, local_bytes, state, manifest.total_bytes, check.problems
+        manifest.unit,
+        manifest.step,
+        local,
+        local_bytes,
+        state,
+        manifest.total_bytes,
+        check.problems,
+        manifest.store_level,
     )

@@ -17,7 +17,7 @@ from ckptctl.catalog.scan import scan_run
 from ckptctl.errors import RefusedError
 from ckptctl.retention.policy import Policy
 from ckptctl.storage import Location
-from ckptctl.storage.transfer import MiB
+from ckptctl.storage.transfer import MiB, digest_local_file
 from ckptctl.tiering.manifest import manifest_rel, remote_view
 from ckptctl.tiering.pointers import push_pointers
 from ckptctl.tiering.pull import pull, pull_run
@@ -100,7 +100,7 @@ def test_push_status_pull_round_trip(backend: Backend, tmp_path: Path) -> None:
     assert [p.name for p in dest.parent.iterdir()] == ["checkpoint-200"]
 
 
-def test_s3_multipart_digest_is_the_etag_and_stale_uploads_are_aborted(
+def test_s3_multipart_is_full_object_crc64nvme_and_stale_uploads_are_aborted(
     moto_server: Server, tmp_path: Path
 ) -> None:
     import s3fs
@@ -122,8 +122,15 @@ def test_s3_multipart_digest_is_the_etag_and_stale_uploads_are_aborted(
     assert stale["UploadId"] not in {u["UploadId"] for u in left} and not left
     manifest = remote_view(remote).manifests["checkpoint-100"]
     weights = next(f for f in manifest.files if f.path.endswith("model.safetensors"))
-    assert weights.part_size == 5 * MiB and weights.digest.endswith("-3")
-    assert fs.info(f"{bucket}/remote/checkpoint-100/model.safetensors")["ETag"].strip('"') == weights.digest
+    ours = digest_local_file(str(run / "checkpoint-100" / "model.safetensors")).digest
+    assert weights.part_size == 5 * MiB and weights.digest is None and manifest.store_level == "A"
+    assert (weights.crc64nvme, weights.crc32c) == (ours.crc64nvme_b64, ours.crc32c_b64)
+    head = fs.call_s3(
+        "head_object", Bucket=bucket, Key="remote/checkpoint-100/model.safetensors", ChecksumMode="ENABLED"
+    )
+    # The store holds the whole file's CRC64NVME (FULL_OBJECT), the value the manifest records.
+    assert head["ChecksumCRC64NVME"] == weights.crc64nvme and head.get("ChecksumType") == "FULL_OBJECT"
+    assert head["ETag"].strip('"') == weights.etag
     dest = tmp_path / "back"
     pull(remote, str(dest), latest=True)
     assert tree(dest) == {k.split("/", 1)[1]: v for k, v in tree(run).items()}

@@ -188,6 +188,8 @@ def push(
     lock = contextlib.nullcontext() if dry_run else run_lock(local)
     with lock, _bars(out, 0) as advance:
         result = run_push(local, remote, push_options, on_event=on_event, on_bytes=advance)
+    for note in result.notes:  # said once per run, e.g. a store that refuses checksum headers
+        out.warn(note)
     plan = result.free_plan
     if plan is not None:
         for decision in plan.decisions:
@@ -212,6 +214,8 @@ def push(
         freed_bytes=sum(u.total_bytes for u in freed),
         aborted_uploads=result.aborted_uploads,
         pointers=[p.source for p in result.pointers],
+        store_level=result.store_level,
+        notes=list(result.notes),
     )
     if dry_run:
         out.info(
@@ -423,7 +427,9 @@ def status(
     REMOTE is one of: verified (sizes and the store's checksums match the manifest), size-only (the store keeps
     no checksums; --verify re-reads), corrupt (exit 8: objects that do not match the manifest, or a manifest
     that does not validate; a re-run of push rewrites it), partial (objects without a manifest: an interrupted
-    push; a re-run of push finishes it), or - (not there).
+    push; a re-run of push finishes it), or - (not there). CHECKS is what the store did with our checksums when
+    the checkpoint was pushed: A (S3 stores and checks CRC64NVME), B (ignored them: Content-MD5 on every body,
+    verified on pull), C (refused them: sent as B), crc32c (GCS), or - (local folders and memory://: re-read).
 
     Examples:
 
@@ -455,13 +461,14 @@ def status(
         )
     data = {"run": run, "remote": remote_url, "units": [r.to_dict() for r in rows]}
     out.table(
-        ("STEP", "WHERE", "LOCAL", "REMOTE", "SIZE", "PATH"),
+        ("STEP", "WHERE", "LOCAL", "REMOTE", "CHECKS", "SIZE", "PATH"),
         (
             (
                 str(row.step) if row.step is not None else "-",
                 row.where,
                 row.local or "-",
                 row.remote,
+                row.store_level or "-",
                 format_bytes(max(row.local_bytes, row.remote_bytes)),
                 row.path or ".",
             )
