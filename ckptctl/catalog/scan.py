@@ -5,6 +5,10 @@ Costs on an object store: one recursive listing, one small GET per pointer file,
 Lightning ``.ckpt`` costs two or three more (its pickle and its score tensors: the step of ``last.ckpt`` and
 the monitored value of files whose names carry none). Nothing is read per folder unit. A scan collects
 problems as warnings instead of stopping at the first one.
+
+``read_units=False`` (``ckptctl runs`` over a root of a thousand runs) makes it one listing plus the pointer files
+and an unfinished prune's journal: no read per checkpoint, so single-file checkpoints are judged by the listing
+alone (an empty file is incomplete, any other ``unknown``) and no metric is read.
 """
 
 from __future__ import annotations
@@ -148,7 +152,9 @@ class _Draft:
         return posixpath.dirname(self.path)
 
 
-def _judge(location: Location, tree: _Tree, candidate: _Candidate, warnings: list[str]) -> _Draft:
+def _judge(
+    location: Location, tree: _Tree, candidate: _Candidate, warnings: list[str], *, read: bool = True
+) -> _Draft:
     match = candidate.match
     if match is None:
         what = "folder" if candidate.kind == "dir" else "file"
@@ -168,6 +174,13 @@ def _judge(location: Location, tree: _Tree, candidate: _Candidate, warnings: lis
         empty = frozenset(f.path[len(prefix) :] for f in candidate.files if f.size == 0)
         return _Draft(candidate, match.layout, match.step, judge_dir(match.layout, rel_files, name, empty))
     entry = candidate.files[0]
+    if not read:
+        verdict = (
+            Verdict(Status.INCOMPLETE, "empty file")
+            if entry.size == 0
+            else Verdict(Status.UNKNOWN, "not opened (listing-only scan; `ckptctl list` checks it)")
+        )
+        return _Draft(candidate, match.layout, match.step, verdict)
     if not entry.path.endswith((*ZIP_SUFFIXES, ".safetensors")):
         return _Draft(
             candidate,
@@ -396,10 +409,12 @@ def scan_run(
     now: float | None = None,
     require_units: bool = True,
     entries: Iterable[FileEntry] | None = None,
+    read_units: bool = True,
 ) -> RunScan:
     """Catalog a run: every checkpoint unit with its layout, step, status and reason, pointers and metrics.
 
     ``entries`` is a listing of the run the caller already made (tier's remote view), to save a second walk.
+    ``read_units=False`` reads no file per checkpoint (see the module docstring): for surveys of many runs.
     Raises NotFoundError (and subclasses) when the run is missing or a file, and NothingRecognisedError when
     ``require_units`` is set and no entry matches any known layout.
     """
@@ -417,10 +432,10 @@ def scan_run(
         if itself:
             candidates = [_Candidate("", "dir", itself)]
     _assign_files(tree, candidates)
-    drafts = [_judge(location, tree, c, warnings) for c in candidates]
+    drafts = [_judge(location, tree, c, warnings, read=read_units) for c in candidates]
     _apply_journal(location, tree, drafts, warnings)
     pointers = _pointers(location, tree, drafts, warnings)
-    best = _hf_metrics(location, drafts, warnings)
+    best = _hf_metrics(location, drafts, warnings) if read_units else None
     if best is not None:
         pointers.append(best)
     for draft in drafts:
@@ -429,7 +444,8 @@ def scan_run(
             if named:
                 draft.metrics.update(named)
                 draft.metric_source = "name"
-    _lightning_meta(location, drafts, warnings)
+    if read_units:
+        _lightning_meta(location, drafts, warnings)
     names_by_target: dict[str, list[str]] = {}
     for pointer in pointers:
         names_by_target.setdefault(pointer.target, []).append(pointer.name)

@@ -38,6 +38,11 @@ COMMANDS: dict[str, CommandEntry] = {
         "list_checkpoints",
         "List the checkpoints of a run: step, status, size, age, layout, metrics and pointers.",
     ),
+    "runs": CommandEntry(
+        "ckptctl.cli.commands.runs",
+        "runs",
+        "Survey every run under a root: layouts, checkpoints by status, bytes, newest step, tiering and leftovers.",
+    ),
     "example": CommandEntry(
         "ckptctl.cli.commands.example",
         "example",

@@ -10,7 +10,7 @@ folder), one walk to plan and one to re-validate (``execute``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +18,7 @@ from ckptctl.catalog.model import Unit
 from ckptctl.catalog.scan import DEFAULT_SETTLE_SECONDS, scan_run
 from ckptctl.errors import CkptctlError, NothingRecognisedError, PartialFailureError
 from ckptctl.retention.plan import PrunePlan, PruneResult, execute, plan_prune
+from ckptctl.retention.policy import decide
 from ckptctl.retention.policy_files import PolicyFinder, RunRules, Setting, merge_settings
 from ckptctl.storage.location import Location
 from ckptctl.storage.lock import run_lock
@@ -103,9 +104,50 @@ class EachRunResult:
         return [o for o in self.outcomes if o.action == "failed"]
 
 
+@dataclass(frozen=True)
+class PolicyPreview:
+    """What a run's rules would delete, judged from a listing alone (``runs``): an estimate; ``prune --dry-run``
+    reads the markers and metric files and gives the plan itself."""
+
+    rules: RunRules | None
+    checkpoints: int = 0
+    bytes: int = 0
+    error: CkptctlError | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rules": self.rules.describe() if self.rules else [],
+            "would_delete": self.checkpoints,
+            "would_free_bytes": self.bytes,
+            "error": {"code": self.error.code, "message": self.error.message} if self.error else None,
+        }
+
+
+def preview_policies(
+    root: Location, runs: Mapping[str, Sequence[Unit]], settings: PruneSettings | None = None
+) -> dict[str, PolicyPreview]:
+    """For each run (relative to ``root``) its rules and what they would free; a broken policy file is that
+    run's error. No metric file is read, so metric rules keep what has no value (never more deleted)."""
+    finder, settings = PolicyFinder(), settings or PruneSettings()
+    previews: dict[str, PolicyPreview] = {}
+    for rel, units in runs.items():
+        try:
+            rules = rules_for_run(root.child(rel) if rel else root, settings, finder, root)
+            if not rules.has_keep_rule:
+                previews[rel] = PolicyPreview(rules)
+                continue
+            doomed = [d.unit for d in decide(units, rules.policy()) if d.action == "delete"]
+        except CkptctlError as exc:
+            previews[rel] = PolicyPreview(None, error=exc.for_flags(settings.flag_names))
+            continue
+        previews[rel] = PolicyPreview(rules, len(doomed), sum(u.total_bytes for u in doomed))
+    return previews
+
+
 def find_runs(root: Location) -> list[str]:
-    """Every folder under ``root`` that holds a sequence of ranked checkpoints (one walk)."""
-    runs = list(scan_run(root, settle_seconds=0, require_units=False).runs)
+    """Every folder under ``root`` that holds a sequence of ranked checkpoints: one listing walk, no file
+    opened (each run is scanned for real, under its lock, when it is planned)."""
+    runs = list(scan_run(root, settle_seconds=0, require_units=False, read_units=False).runs)
     if not runs:
         raise NothingRecognisedError(
             f"no run under {root.url}: no folder holds checkpoints with a step",

@@ -201,27 +201,70 @@ def _check_stored(location: Location, rel: str, digest: Digest) -> tuple[str | N
     return location.stat(rel).etag, None if held is None else "crc32c"
 
 
-def abort_stale_uploads(location: Location, rel_prefix: str) -> int:
-    """Abort multipart uploads left under ``rel_prefix`` by an interrupted push (they bill until aborted).
+MAX_UPLOAD_PAGES = 100
+"""ListMultipartUploads pages (1,000 uploads each) read at most: a bound on a bucket nobody ever cleaned."""
 
-    Only S3 keeps such uploads across processes; other stores drop an unfinished upload by themselves.
-    """
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """An S3 multipart upload started and never completed or aborted: its parts are billed until an abort."""
+
+    rel: str
+    """The key it was going to write, relative to the location."""
+    upload_id: str
+    initiated: float | None
+
+
+def pending_uploads(location: Location, rel_prefix: str = "") -> list[PendingUpload]:
+    """Multipart uploads under ``rel_prefix`` (a folder when it ends with ``/``; ``""``: the whole location),
+    one ListMultipartUploads request per 1,000. Only S3 keeps such uploads across processes: [] elsewhere."""
     if not is_s3(location):
-        return 0
+        return []
     fs: Any = location.fs
     bucket, key, _ = fs.split_path(location.full_path(rel_prefix))
-    aborted = 0
+    if not rel_prefix or rel_prefix.endswith("/"):
+        key = f"{key.rstrip('/')}/" if key else ""
+    base = fs.split_path(location.full_path())[1].rstrip("/")
+    found: list[PendingUpload] = []
+    markers: dict[str, str] = {}
     with location.errors(rel_prefix):
-        listing = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
-        for upload_info in listing.get("Uploads", []) or []:
+        for _ in range(MAX_UPLOAD_PAGES):
+            page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key, **markers)
+            for upload in page.get("Uploads", []) or []:
+                started = upload.get("Initiated")
+                name = str(upload["Key"])
+                found.append(
+                    PendingUpload(
+                        name[len(base) + 1 :] if base else name,
+                        str(upload["UploadId"]),
+                        started.timestamp() if hasattr(started, "timestamp") else None,
+                    )
+                )
+            if not page.get("IsTruncated"):
+                break
+            markers = {
+                "KeyMarker": page.get("NextKeyMarker", ""),
+                "UploadIdMarker": page.get("NextUploadIdMarker", ""),
+            }
+    return found
+
+
+def abort_stale_uploads(location: Location, rel_prefix: str) -> int:
+    """Abort multipart uploads left under ``rel_prefix`` by an interrupted push (they bill until aborted)."""
+    stale = pending_uploads(location, rel_prefix)
+    if not stale:
+        return 0
+    fs: Any = location.fs
+    bucket = fs.split_path(location.full_path())[0]
+    with location.errors(rel_prefix):
+        for upload in stale:
             fs.call_s3(
                 "abort_multipart_upload",
                 Bucket=bucket,
-                Key=upload_info["Key"],
-                UploadId=upload_info["UploadId"],
+                Key=location.fs.split_path(location.full_path(upload.rel))[1],
+                UploadId=upload.upload_id,
             )
-            aborted += 1
-    return aborted
+    return len(stale)
 
 
 def download(

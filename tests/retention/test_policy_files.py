@@ -303,3 +303,21 @@ def test_list_shows_the_rules_a_prune_would_follow_and_survives_a_broken_file(tm
     assert broken.returncode == 0, broken.stderr
     data = json.loads(broken.stdout)["data"]
     assert data["policy"] == [] and any(".ckptctl.toml:1: keep-last must be" in w for w in data["warnings"])
+
+
+def test_runs_shows_what_each_runs_rules_would_free_as_each_run_would_plan_it(tmp_path: Path) -> None:
+    """``runs ROOT`` previews the policy from the listing alone; on folder checkpoints it agrees with the plan
+    ``prune ROOT --each-run --dry-run`` makes, and names the run whose file is broken."""
+    root = make_root(tmp_path / "root")
+    surveyed = run_cli("runs", str(root), "--json")
+    assert surveyed.returncode == 0, surveyed.stderr
+    policy = {r["path"]: r["policy"] for r in json.loads(surveyed.stdout)["data"]["runs"]}
+    dry = run_cli("prune", str(root), "--each-run", "--dry-run", "--json")
+    planned = {e["run"]: e for e in map(json.loads, dry.stdout.splitlines()) if e.get("event") == "run"}
+    for run in ("team/hf-a", "team/hf-b", "nested/version_0", "free/run"):
+        assert policy[run]["would_delete"] == len(planned[run]["to_delete"]), run
+        assert policy[run]["would_free_bytes"] == planned[run]["bytes_to_free"], run
+    lit = "lit/lightning_logs/version_0"  # runs names a run without the trainer's checkpoints/ subfolder
+    assert policy[lit]["error"]["code"] == "policy_file"
+    human = run_cli("runs", str(root))
+    assert f"warning: run {lit}: {root}/lit/.ckptctl.toml:1: not valid TOML" in human.stderr
