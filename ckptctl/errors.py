@@ -146,6 +146,13 @@ class RefusedError(CkptctlError):
     exit_code = ExitCode.REFUSED
 
 
+class SourceChangedError(RefusedError):
+    """A file changed, shrank or vanished while it was being copied (a trainer still writing it): nothing of it
+    was committed, and a re-run copies it once it is still."""
+
+    code = "source_changed"
+
+
 class LockedError(CkptctlError):
     code = "locked"
     exit_code = ExitCode.LOCKED

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from ckptctl.errors import ChecksumMismatchError, CkptctlError
+from ckptctl.errors import ChecksumMismatchError, SourceChangedError, TruncatedError
 from ckptctl.storage.checksums import (
     CRC64_BYTES,
     Digest,
@@ -313,7 +313,7 @@ class S3DataPath:
             write = None if fd is None else (lambda chunk, at: _pwrite_all(fd, chunk, start + at))
             copy_hashed(self._body(rel, start, end, whole=len(starts) == 1), hasher, write, on_bytes)
             if hasher.digest.size != end - start:
-                raise CkptctlError(
+                raise TruncatedError(
                     f"{self.location.url_of(rel)}: the store sent {hasher.digest.size} bytes of "
                     f"{end - start} (bytes {start}-{end})"
                 )
@@ -432,7 +432,7 @@ def _pread_exact(fd: int, offset: int, length: int, path: str) -> bytes:
     while len(data) < length:  # pread may return less than asked (large reads, signals)
         more = os.pread(fd, length - len(data), offset + len(data))
         if not more:
-            raise CkptctlError(f"{path} shrank while it was being uploaded")
+            raise SourceChangedError(f"{path} shrank while it was being uploaded")
         data += more
     return data
 

@@ -23,7 +23,7 @@ from typing import Literal
 
 from ckptctl.catalog.model import Status, Unit
 from ckptctl.catalog.scan import scan_run
-from ckptctl.errors import ChecksumMismatchError, CkptctlError, RefusedError, UsageError
+from ckptctl.errors import ChecksumMismatchError, CkptctlError, RefusedError, SourceChangedError, UsageError
 from ckptctl.retention.plan import COMPLETION_MARKERS, PrunePlan, PruneResult, execute, plan_prune
 from ckptctl.retention.policy import Decision, Policy
 from ckptctl.storage.checksums import Digest
@@ -377,9 +377,9 @@ def _check_unchanged(local: Location, unit: Unit) -> None:
         try:
             st = os.stat(local.full_path(item.path))
         except FileNotFoundError:
-            raise CkptctlError(f"{local.url_of(item.path)} disappeared during the upload") from None
+            raise SourceChangedError(f"{local.url_of(item.path)} disappeared during the upload") from None
         if st.st_size != item.size or (item.mtime is not None and abs(st.st_mtime - item.mtime) > 1e-6):
-            raise CkptctlError(
+            raise SourceChangedError(
                 f"{local.url_of(item.path)} changed during the upload; {unit.path} was not tiered "
                 "(re-run once the trainer is done with it)"
             )
