@@ -34,6 +34,23 @@ PARTIAL_SUFFIX = ".ckptctl-partial"
 FILE_MODE = 0o666
 """What ``open()`` asks for; the kernel takes the umask off."""
 FOLDER_MODE = 0o777
+_umask: int | None = None
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where the kernel tells it (Linux /proc), else by setting
+    and restoring it once; cached, so call it first from the main thread (setting it is process-wide: a thread
+    creating a file meanwhile would get the wrong mode)."""
+    global _umask
+    if _umask is None:
+        try:
+            with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+                _umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _umask = os.umask(0o022)
+            os.umask(_umask)
+    return _umask
+
 
 _NEW_FILE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)

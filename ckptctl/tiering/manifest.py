@@ -72,6 +72,9 @@ class ManifestFile:
     """v2: full-object CRC32C, base64."""
     etag: str | None = None
     """v2: the store's ETag once the object was verified (None where the store has none)."""
+    mode: int | None = None
+    """The file's permission bits at push (0o777 at most; v2 pushes record it); pull gives them back, less the
+    puller's umask."""
 
     @property
     def md5_part_size(self) -> int | None:
@@ -263,6 +266,7 @@ def _encoded_file(item: ManifestFile, version: int) -> dict[str, Any]:
         "part_size": item.part_size,
         "etag": item.etag,
         "mtime": item.mtime,
+        **({"mode": item.mode} if item.mode is not None else {}),
     }
 
 
@@ -299,6 +303,7 @@ def _file(entry: Any, index: int, version: int) -> ManifestFile:
         if -(-size // part_size) > MAX_PARTS:
             raise _Invalid(f"{where}: {size} bytes in parts of {part_size} is over {MAX_PARTS} parts")
     mtime = entry.get("mtime")
+    mode = entry.get("mode")
     return ManifestFile(
         path,
         size,
@@ -308,6 +313,7 @@ def _file(entry: Any, index: int, version: int) -> ManifestFile:
         crc64,
         crc32c,
         etag,
+        None if mode is None else _integer(mode, f"{where}: mode", 0, 0o777),
     )
 
 

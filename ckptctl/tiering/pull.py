@@ -35,6 +35,7 @@ from ckptctl.errors import (
 )
 from ckptctl.storage.atomic import (
     commit_folder,
+    current_umask,
     disk_error,
     fsync_folder,
     make_folders_below,
@@ -255,6 +256,7 @@ def _pull_unit(
     started = time.monotonic()
     progress = on_bytes or (lambda n: None)
     downloaded = reused = 0
+    current_umask()  # read here, before the download threads start
     try:
         prepare_partial_folder(temp, resume=True)
 
@@ -283,6 +285,10 @@ def _pull_unit(
                     url=remote.url_of(item.path),
                     hint="the remote copy is corrupt; re-run tier push from a machine that still has it",
                 )
+            if item.mode is not None:
+                # As tar does for a user: the recorded bits, less the puller's umask (a manifest is remote input
+                # and never makes a file writable by more people than the user's own files are).
+                os.chmod(target, item.mode & ~current_umask())
             if item.mtime is not None:
                 os.utime(target, (item.mtime, item.mtime), follow_symlinks=False)
             return item.size, 0

@@ -266,6 +266,7 @@ def _push_unit(
                 done[f.path].digest.crc64nvme_b64,
                 done[f.path].digest.crc32c_b64,
                 done[f.path].etag,
+                _mode(local, f.path),
             )
             for f in unit.files
         ),
@@ -329,6 +330,16 @@ _LEVEL_RANK = ("C", "B", "crc32c", "A")
 
 def _named(name: str, digest: Digest) -> tuple[str, str]:
     return name, digest.crc64nvme_b64 if name == "crc64nvme" else digest.crc32c_b64
+
+
+def _mode(local: Location, rel: str) -> int | None:
+    """The permission bits a pull gives back (a local run only; a link was refused before upload)."""
+    if not local.is_local:
+        return None
+    try:
+        return os.lstat(local.full_path(rel)).st_mode & 0o777
+    except OSError:
+        return None
 
 
 def _weakest(levels: set[str | None]) -> str | None:

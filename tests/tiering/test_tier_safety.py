@@ -159,12 +159,19 @@ def test_pull_resumes_a_partial_folder_of_its_own(run: Path, tmp_path: Path) -> 
 
 # -- pull: modes ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mask", [0o022, 0o007])
-def test_pulled_files_get_the_umask_mode(run: Path, tmp_path: Path, mask: int) -> None:
-    """Manifests record no mode, so a pulled file gets what ``open()`` gives under the umask, pointer files
-    (written through the atomic-write path, 0600 before) included."""
-    for path in run.rglob("*"):
-        if path.is_file():
-            path.chmod(0o600)
+def test_pulled_files_get_the_mode_recorded_at_push_less_the_umask(
+    run: Path, tmp_path: Path, mask: int
+) -> None:
+    """A checkpoint file comes back with the permission bits it had when pushed (the manifest records them),
+    less the puller's umask, as tar gives them to a user: a manifest (remote input) never makes a file writable
+    by more people than the user's own files are. Pointer files (no manifest) and folders get what ``open()``
+    and ``mkdir`` give under the umask."""
+    modes = [0o600, 0o640, 0o644, 0o777, 0o400]
+    recorded = {}
+    for index, path in enumerate(sorted(p for p in run.rglob("*") if p.is_file())):
+        mode = modes[index % len(modes)]
+        path.chmod(mode)
+        recorded[path.relative_to(run).as_posix()] = mode
     remote = pushed(run, tmp_path / "remote")
     restored = tmp_path / "restored"
     result = run_limited("tier", "pull", str(remote), str(restored), "--all", umask=mask)
@@ -172,7 +179,9 @@ def test_pulled_files_get_the_umask_mode(run: Path, tmp_path: Path, mask: int) -
     files = [p for p in restored.rglob("*") if p.is_file()]
     assert "latest" in {p.name for p in files} and len(files) == 7
     for path in files:
-        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+        rel = path.relative_to(restored).as_posix()
+        wanted = 0o666 & ~mask if path.name == "latest" else recorded[rel] & ~mask
+        assert path.stat().st_mode & 0o777 == wanted, (rel, oct(path.stat().st_mode), oct(wanted))
     for path in [p for p in restored.rglob("*") if p.is_dir()]:
         assert path.stat().st_mode & 0o777 == 0o777 & ~mask, path
 
