@@ -8,7 +8,6 @@ so picking the 2 MB of LoRA tensors out of a 14 GB checkpoint reads 2 MB. No tor
 from __future__ import annotations
 
 import json
-import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -221,10 +220,7 @@ def open_state_dict(location: Location) -> tuple[dict[str, TensorSource], str]:
     one); returns the tensors and a description of what was opened."""
     entry = location.stat()
     if entry.type == "file":
-        parent = Location(
-            location.fs, posixpath.dirname(location.root), location.url.rsplit("/", 1)[0] or "/"
-        )
-        return open_file(parent, posixpath.basename(location.root), entry.size), location.url
+        return open_file(location.parent(), location.name, entry.size), location.url
     entries = location.walk()
     files = {e.path: e for e in entries if e.type == "file"}
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):

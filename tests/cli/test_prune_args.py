@@ -68,8 +68,17 @@ def test_tier_push_words_policy_errors_with_its_own_flags(tmp_path: Path) -> Non
         ),
         (["inspect", "{run}", "--step", "-1"], "'--step': -1 is not in the range"),
         (["extract-lora", "{run}", "{dest}", "--bias", "some"], "'--bias': 'some' is not one of"),
+        (["consolidate", "{run}", "{dest}", "--dtype", "int8"], "'--dtype': 'int8' is not one of"),
     ],
-    ids=["steps-empty", "steps-x", "pull-steps-abc", "jobs-0", "step-negative", "bias-choice"],
+    ids=[
+        "steps-empty",
+        "steps-x",
+        "pull-steps-abc",
+        "jobs-0",
+        "step-negative",
+        "bias-choice",
+        "dtype-choice",
+    ],
 )
 def test_shared_options_are_checked_where_they_are_declared(
     tmp_path: Path, args: list[str], message: str

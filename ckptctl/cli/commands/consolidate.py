@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated
 
 import typer
 
-from ckptctl.cli._options import JsonOpt, QuietOpt, StorageOpt
+from ckptctl.cli._options import ForceOpt, JsonOpt, QuietOpt, StorageOpt
+
+
+class OutputDtype(str, Enum):
+    """What ``--dtype`` may cast floating tensors to (convert.consolidate.OUTPUT_DTYPES)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 def consolidate(
@@ -31,7 +40,7 @@ def consolidate(
         typer.Option("--tag", help="Tag (or DCP step folder) to convert instead of the one latest names."),
     ] = None,
     dtype: Annotated[
-        str | None,
+        OutputDtype | None,
         typer.Option(
             "--dtype",
             help="Cast floating tensors to fp32, bf16 or fp16. Default: fp32 for ZeRO (as zero_to_fp32), "
@@ -64,7 +73,7 @@ def consolidate(
             help="Write each tied alias as its own copy (default: owner once, aliases in metadata).",
         ),
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    force: ForceOpt = False,
     max_shard_size: Annotated[
         str | None,
         typer.Option(
@@ -119,7 +128,7 @@ def consolidate(
             location,
             out,
             tag=tag,
-            dtype=dtype,
+            dtype=dtype.value if dtype is not None else None,
             exclude_frozen=exclude_frozen,
             keep_tied=keep_tied,
             force=force,
