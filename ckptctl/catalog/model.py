@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from ckptctl.storage.location import FileEntry
 
 Ordinal = Literal["step", "save"]
 """What a unit's number counts: training steps, or saves (Accelerate's ``checkpoint_N`` counts saves)."""
@@ -49,6 +53,16 @@ class UnitFile:
     size: int
     mtime: float | None
     etag: str | None = None
+
+
+POLICY_FILE = ".ckptctl.toml"
+"""Keep rules written beside the runs (``retention/policy_files.py``); the catalog only finds them in listings."""
+
+
+def policy_files_in(entries: Iterable[FileEntry]) -> frozenset[str]:
+    """The paths of every policy file a listing holds, whatever their type (a link or FIFO in that place is
+    found here and refused when read)."""
+    return frozenset(e.path for e in entries if e.path.rsplit("/", 1)[-1] == POLICY_FILE)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from ckptctl.catalog.model import Layout, Status, Unit
+from ckptctl.catalog.model import Layout, Status, Unit, policy_files_in
 from ckptctl.catalog.scan import scan_run
 from ckptctl.errors import CkptctlError, NothingRecognisedError, UsageError
 from ckptctl.storage.atomic import PARTIAL_SUFFIX, TEMP_PREFIX
@@ -144,6 +144,8 @@ class RunsSurvey:
     """Leftovers under ROOT that lie in no run's folder."""
     warnings: tuple[str, ...] = ()
     listed_files: int = 0
+    policy_files: frozenset[str] = frozenset()
+    """Every ``.ckptctl.toml`` the listing holds (relative to ROOT): a policy lookup needs no request more."""
     listed_bytes: int = 0
     """Every file under ROOT, in runs or not."""
 
@@ -402,6 +404,7 @@ def survey_runs(root: Location, *, settle_seconds: float, now: float | None = No
         outside_runs=tuple(sorted(leftovers.get(None, []), key=lambda i: i.path)),
         warnings=tuple(warnings),
         listed_files=scan.file_count,
+        policy_files=policy_files_in(entries),
         listed_bytes=sum(stored.values()),
     )
 

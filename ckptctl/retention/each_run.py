@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ckptctl.catalog.model import Unit
+from ckptctl.catalog.model import Unit, policy_files_in
 from ckptctl.catalog.scan import DEFAULT_SETTLE_SECONDS, scan_run
 from ckptctl.errors import CkptctlError, NothingRecognisedError, PartialFailureError
 from ckptctl.retention.plan import PrunePlan, PruneResult, execute, plan_prune
@@ -124,11 +124,15 @@ class PolicyPreview:
 
 
 def preview_policies(
-    root: Location, runs: Mapping[str, Sequence[Unit]], settings: PruneSettings | None = None
+    root: Location,
+    runs: Mapping[str, Sequence[Unit]],
+    policy_files: frozenset[str],
+    settings: PruneSettings | None = None,
 ) -> dict[str, PolicyPreview]:
     """For each run (relative to ``root``) its rules and what they would free; a broken policy file is that
-    run's error. No metric file is read, so metric rules keep what has no value (never more deleted)."""
-    finder, settings = PolicyFinder(), settings or PruneSettings()
+    run's error. ``policy_files``: those the listing of ``root`` holds, so only they are read. No metric file
+    is read, so metric rules keep what has no value (never more deleted)."""
+    finder, settings = PolicyFinder((root, policy_files)), settings or PruneSettings()
     previews: dict[str, PolicyPreview] = {}
     for rel, units in runs.items():
         try:
@@ -144,17 +148,19 @@ def preview_policies(
     return previews
 
 
-def find_runs(root: Location) -> list[str]:
-    """Every folder under ``root`` that holds a sequence of ranked checkpoints: one listing walk, no file
-    opened (each run is scanned for real, under its lock, when it is planned)."""
-    runs = list(scan_run(root, settle_seconds=0, require_units=False, read_units=False).runs)
+def find_runs(root: Location) -> tuple[list[str], frozenset[str]]:
+    """Every folder under ``root`` that holds a sequence of ranked checkpoints, and the policy files under it:
+    one listing walk, no file opened (each run is scanned for real, under its lock, when it is planned)."""
+    entries = root.walk()
+    scan = scan_run(root, settle_seconds=0, require_units=False, entries=entries, read_units=False)
+    runs = list(scan.runs)
     if not runs:
         raise NothingRecognisedError(
             f"no run under {root.url}: no folder holds checkpoints with a step",
             url=root.url,
             hint="point --each-run at the folder above the runs (e.g. /nvme/ckpt or s3://bucket/runs)",
         )
-    return runs
+    return runs, policy_files_in(entries)
 
 
 def prune_each_run(
@@ -167,9 +173,10 @@ def prune_each_run(
 ) -> EachRunResult:
     """Plan (``dry_run``) or prune every run under ``root`` by its own rules; never raises for one run's
     failure. ``on_event(kind, run, unit, detail)`` reports each deletion as ``execute`` does."""
-    finder = PolicyFinder()
+    runs, policy_files = find_runs(root)
+    finder = PolicyFinder((root, policy_files))
     result = EachRunResult(root.url)
-    for rel in find_runs(root):
+    for rel in runs:
         run = root.child(rel) if rel else root
         outcome = _one_run(rel, run, root, settings, finder, dry_run=dry_run, on_event=on_event)
         result.outcomes.append(outcome)

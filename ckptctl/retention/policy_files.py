@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckptctl.catalog.model import POLICY_FILE
 from ckptctl.errors import CkptctlError, PermissionDeniedError, UsageError, literal
 from ckptctl.humanize import parse_duration, parse_size, parse_steps
 from ckptctl.retention.policy import Policy
@@ -30,7 +31,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-POLICY_FILE = ".ckptctl.toml"
 POLICY_FILE_LIMIT = 64 * 1024
 MAX_LEVELS = 32
 
@@ -206,9 +206,25 @@ def parse_policy_file(data: bytes, url: str) -> PolicyFile:
 
 @dataclass
 class PolicyFinder:
-    """Reads the policy files of many runs, each folder's file at most once (``prune ROOT --each-run``)."""
+    """Reads the policy files of many runs, each folder's file at most once (``prune ROOT --each-run``).
 
+    ``listed`` (a root, and the policy files its listing holds) answers "is there a file?" for every folder at or
+    below that root without a request: a survey of a thousand runs reads only the files that exist."""
+
+    listed: tuple[Location, frozenset[str]] | None = None
     _seen: dict[str, PolicyFile | None] = field(default_factory=dict)
+
+    def _listed_presence(self, folder: Location) -> bool | None:
+        if self.listed is None:
+            return None
+        root, files = self.listed
+        if folder.fs is not root.fs:
+            return None
+        if folder.root == root.root:
+            return POLICY_FILE in files
+        if folder.root.startswith(root.root.rstrip("/") + "/"):
+            return f"{folder.root[len(root.root.rstrip('/')) + 1 :]}/{POLICY_FILE}" in files
+        return None
 
     def file_in(self, folder: Location, *, above_run: bool = False) -> PolicyFile | None:
         """The folder's policy file, if it has one. A folder above the run that we may not look into holds no
@@ -216,8 +232,10 @@ class PolicyFinder:
         key = folder.url_of(POLICY_FILE)
         if key not in self._seen:
             self._seen[key] = None
+            present = self._listed_presence(folder)
             try:
-                present = folder.exists(POLICY_FILE)
+                if present is None:
+                    present = folder.exists(POLICY_FILE)
             except PermissionDeniedError:
                 if not above_run:
                     raise

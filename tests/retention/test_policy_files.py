@@ -321,3 +321,39 @@ def test_runs_shows_what_each_runs_rules_would_free_as_each_run_would_plan_it(tm
     assert policy[lit]["error"]["code"] == "policy_file"
     human = run_cli("runs", str(root))
     assert f"warning: run {lit}: {root}/lit/.ckptctl.toml:1: not valid TOML" in human.stderr
+
+
+def test_policy_lookups_under_a_listed_root_cost_no_request_but_reading_the_files(
+    moto_server, tmp_path: Path
+) -> None:
+    """``runs`` over many runs and ``--each-run`` know from their one listing which folders hold a policy file:
+    the only object reads are of the files that exist (here one), never a HEAD per run and folder."""
+    import re
+
+    import s3fs
+
+    from ckptctl.catalog.runs import survey_runs
+    from ckptctl.retention.each_run import preview_policies
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(endpoint_url=moto_server.endpoint)
+    bucket = f"policy-{time.monotonic_ns()}"
+    fs.mkdir(bucket)
+    for run in ("a", "b", "c", "d"):
+        for step in (100, 200, 300):
+            fs.pipe_file(f"{bucket}/root/{run}/checkpoint-{step}/model.safetensors", b"x" * 10)
+            fs.pipe_file(f"{bucket}/root/{run}/checkpoint-{step}/trainer_state.json", b"{}")
+    fs.pipe_file(f"{bucket}/root/.ckptctl.toml", b"keep-last = 1\n")
+    root = Location.from_url(f"s3://{bucket}/root", {"endpoint_url": moto_server.endpoint})
+    survey = survey_runs(root, settle_seconds=0)
+    mark = moto_server.log.stat().st_size
+    previews = preview_policies(root, {r.path: r.units for r in survey.runs}, survey.policy_files)
+    assert {run: p.checkpoints for run, p in previews.items()} == {"a": 2, "b": 2, "c": 2, "d": 2}
+    time.sleep(0.3)
+    with moto_server.log.open("rb") as handle:
+        handle.seek(mark)
+        text = re.sub(rb"\x1b\[[0-9;]*m", b"", handle.read())  # moto colours a 206 line
+        requests = re.findall(rb'"(GET|HEAD) (\S+) HTTP', text)
+    assert [(m, t.split(b"?")[0]) for m, t in requests] == [
+        (b"GET", f"/{bucket}/root/.ckptctl.toml".encode())
+    ]

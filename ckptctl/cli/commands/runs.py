@@ -61,7 +61,7 @@ def runs(
     order = RunOrder.parse(sort)
     location = Location.from_url(root, parse_storage_options(storage_option or []))
     survey = survey_runs(location, settle_seconds=parse_duration(settle)).ordered(order)
-    previews = preview_policies(location, {run.path: run.units for run in survey.runs})
+    previews = preview_policies(location, {run.path: run.units for run in survey.runs}, survey.policy_files)
     data = survey.to_dict()
     for record in data["runs"]:
         record["policy"] = previews[record["path"]].to_dict()
