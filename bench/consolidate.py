@@ -28,7 +28,8 @@ import subprocess
 import tempfile
 import time
 
-from ckptctl.convert.consolidate import plan_consolidation, plan_source
+from ckptctl.formats.deepspeed import plan_zero
+from ckptctl.formats.sources import plan_source
 from ckptctl.formats.tensor_layout import Range
 from ckptctl.storage import Location
 
@@ -86,7 +87,7 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, in
 
 def floor(checkpoint: Path, out: Path) -> float:
     """Read only the fp32 master ranges, write them, fsync: what any converter must at least do."""
-    plan = plan_consolidation(Location.from_url(str(checkpoint)))
+    plan = plan_zero(Location.from_url(str(checkpoint)))
     return copy_ranges(checkpoint, [p for t in plan.tensors for p in t.pieces], out)
 
 
@@ -254,7 +255,7 @@ def main() -> None:
                 )
                 print(f"generated stage {stage} checkpoint in {time.perf_counter() - t0:.0f}s")
             size = sum(p.stat().st_size for p in ckpt.rglob("*.pt"))
-            plan = plan_consolidation(Location.from_url(str(ckpt)))
+            plan = plan_zero(Location.from_url(str(ckpt)))
             params = sum(t.numel for t in plan.tensors)
             print(f"stage {stage}: {params / 1e6:.1f}M parameters, {size / 1e9:.2f} GB of .pt files")
             ours_out, ref_out = root / f"ours{stage}.safetensors", root / f"ref{stage}"

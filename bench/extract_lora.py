@@ -51,7 +51,7 @@ def make_pair(folder: Path, modules: int) -> list[str]:
 
 def bench_svd(folder: Path, modules: int) -> None:
     from ckptctl.convert.lora_svd import extract_by_svd
-    from ckptctl.convert.tensor_sources import open_state_dict
+    from ckptctl.formats.sources import open_state_dict
     from ckptctl.storage import Location
 
     keys = make_pair(folder, modules)

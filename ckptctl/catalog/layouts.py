@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ckptctl.catalog.model import Layout, Ordinal, Status
+from ckptctl.formats.deepspeed import OPTIM_STATES
 
 CHECKPOINT_FILE_SUFFIXES = (
     ".pt",
@@ -280,15 +281,12 @@ def _judge_accelerate(rel_files: set[str], top: set[str]) -> Verdict:
     return Verdict(Status.COMPLETE, "random_states_*.pkl present (written last)")
 
 
-_RANK_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
-
-
 def judge_deepspeed_tag(top: set[str]) -> Verdict:
     """A DeepSpeed tag has model states and a contiguous set of ZeRO rank files; whether it is committed is
     decided by ``latest`` (see ``pointers``), so a well-formed tag is UNKNOWN until a pointer confirms it."""
     if not any(f.endswith("model_states.pt") for f in top):
         return Verdict(Status.INCOMPLETE, "no *_model_states.pt")
-    ranks = sorted(int(m.group("dp")) for f in top if (m := _RANK_FILE.match(f)))
+    ranks = sorted(int(m.group("dp")) for f in top if (m := OPTIM_STATES.match(f)))
     if ranks:
         missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
         if missing:

@@ -1,9 +1,8 @@
-"""DeepSpeed ZeRO shards -> one safetensors file, as DeepSpeed's ``zero_to_fp32`` builds it, without DeepSpeed or
-torch, reading only the fp32 master ranges (never the Adam moments) and writing each tensor as it is assembled.
+"""Any checkpoint's model weights -> safetensors (one file, or HF shards + index written last): select, cast,
+write. Format-free: the format modules (``formats/sources.py`` picks one) say where each tensor's bytes are; this
+module streams them, each tensor as it is read, so memory is bounded by one read piece, not the model.
 
-The format and ``zero_to_fp32``'s algorithm are in ``shared/fixtures/zero/README.md``. Output order as
-``zero_to_fp32``: persistent buffers, frozen parameters, trainable parameters (tied aliases are recorded in the
-header's ``__metadata__`` instead of being written twice, unless ``keep_tied``).
+Tied aliases are recorded in the header's ``__metadata__`` instead of being written twice, unless ``keep_tied``.
 """
 
 from __future__ import annotations
@@ -11,457 +10,31 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import posixpath
-import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ckptctl.convert.safetensors_writer import PlannedTensor, SafetensorsStream
 from ckptctl.convert.selection import Selection
-from ckptctl.convert.tensor_sources import (
-    TensorSource,
-    assemble_chunks,
-    looks_like_deepspeed,
-    open_state_dict,
-)
-from ckptctl.errors import IntegrityError, NotFoundError, RefusedError, UsageError
-from ckptctl.formats.dcp import METADATA as DCP_METADATA
-from ckptctl.formats.dcp import find_dcp_folder, locate_chunks, model_names, read_dcp_checkpoint
-from ckptctl.formats.deepspeed import partition_problems, world_sizes
-from ckptctl.formats.source import FileSource
-from ckptctl.formats.tensor_layout import Chunk, Range, is_contiguous
-from ckptctl.formats.torch_state import model_subtree
-from ckptctl.formats.torch_zip import TensorRecord, TorchArchive, read_torch_archive
+from ckptctl.errors import RefusedError, UsageError
+from ckptctl.formats.sources import plan_source
+from ckptctl.formats.tensor_layout import TensorPlan, TensorSource, to_numpy
 from ckptctl.storage.atomic import atomic_local_file
-from ckptctl.storage.location import FileEntry, Location, is_url, refuse_overlap
+from ckptctl.storage.location import Location, is_url, refuse_overlap
 
-_OPTIM = re.compile(r"^(?P<bf16>bf16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
-_MODEL_Z3 = re.compile(r"^zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_model_states\.pt$")
-_FLOATS = {"float32", "float16", "bfloat16", "float64"}
 OUTPUT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    name: str
-    dtype: str
-    """The dtype of the bytes in the pieces."""
-    shape: tuple[int, ...]
-    pieces: tuple[Range, ...]
-    """Concatenated, then cut to the tensor's size (ZeRO-3 partitions are padded)."""
-    chunks: tuple[Chunk, ...] = ()
-    """Instead of ``pieces``: blocks of the global tensor that tile it (DCP)."""
-    location: Location | None = None
-    """Where the files of ``pieces`` are, when not SRC itself (SRC is one file)."""
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass
-class ConsolidationPlan:
-    tag: str
-    stage: int | None
-    """ZeRO only."""
-    world_size: int | None
-    tensors: list[SourceTensor]
-    aliases: dict[str, str]
-    warnings: list[str] = field(default_factory=list)
-    format: str = "zero"
-    dropped: int = 0
-    """Tensors of the checkpoint that are not model weights (optimizer state, train state), left out."""
-    non_tensors: list[str] = field(default_factory=list)
-    """Non-tensor items of the model sub-tree (DCP bytes items), listed and left out, never unpickled."""
-
-
-def _natural(name: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def find_tag(location: Location, entries: Sequence[FileEntry], tag: str | None) -> str:
-    """The tag folder (relative to ``location``): ``tag``, or the one ``latest`` names, or ``location`` itself."""
-    names = {e.path for e in entries if e.type == "file"}
-    if tag is not None:
-        if not any(n.startswith(f"{tag}/") for n in names):
-            raise NotFoundError(f"no tag {tag!r} in {location.url}", url=location.url)
-        return tag
-    if any("/" not in n and n.endswith("model_states.pt") for n in names):
-        return ""
-    if "latest" in names:
-        named = location.read_bytes("latest").decode(errors="replace").strip()
-        if not any(n.startswith(f"{named}/") for n in names):
-            raise IntegrityError(
-                f"{location.url_of('latest')} names tag {named!r}, which is not in {location.url}",
-                url=location.url,
-            )
-        return named
-    tags = sorted({n.split("/", 1)[0] for n in names if "/" in n and n.endswith("model_states.pt")})
-    if len(tags) == 1:
-        return tags[0]
-    raise NotFoundError(
-        f"{location.url} is not a DeepSpeed checkpoint (no *_model_states.pt, no latest)"
-        if not tags
-        else f"{location.url} has several tags ({', '.join(tags)}) and no latest file",
-        url=location.url,
-        hint=None if not tags else "pass --tag",
-    )
-
-
-def _archive(location: Location, rel: str, sizes: dict[str, int]) -> TorchArchive:
-    return read_torch_archive(FileSource(location, rel, sizes[rel]))
-
-
-def _records(archive: TorchArchive) -> dict[tuple[Any, ...], TensorRecord]:
-    return {record.path: record for record in archive.tensors}
-
-
-def _range(archive: TorchArchive, record: TensorRecord, first: int, count: int) -> Range:
-    """Elements [first, first + count) of a contiguous tensor, as a byte range of its file."""
-    if not is_contiguous(record.shape, record.stride):
-        raise IntegrityError(f"{archive.source.name}: tensor {record.name} is not contiguous")
-    start = archive.tensor_byte_offset(record) + first * record.itemsize
-    return Range(archive.source.rel, start, start + count * record.itemsize)
-
-
-def _shape(value: Any) -> tuple[int, ...]:
-    return tuple(int(d) for d in value)
-
-
-def plan_consolidation(
-    location: Location, *, tag: str | None = None, exclude_frozen: bool = False
-) -> ConsolidationPlan:
-    """Find every tensor's bytes in the shards, reading only headers and pickles (no tensor data)."""
-    entries = location.walk()
-    tag_rel = find_tag(location, entries, tag)
-    prefix = f"{tag_rel}/" if tag_rel else ""
-    sizes = {e.path: e.size for e in entries if e.type == "file"}
-    here = sorted(
-        (p[len(prefix) :] for p in sizes if p.startswith(prefix) and "/" not in p[len(prefix) :]),
-        key=_natural,
-    )
-    optim = [n for n in here if _OPTIM.match(n)]
-    models = [n for n in here if n.endswith("model_states.pt")]
-    if not models:
-        raise NotFoundError(
-            f"{location.url_of(tag_rel)} is not a DeepSpeed checkpoint tag (no *_model_states.pt)"
-        )
-    if not optim:
-        raise IntegrityError(f"{location.url_of(tag_rel)}: no ZeRO optimizer files (*_optim_states.pt)")
-    model0 = _archive(location, prefix + models[0], sizes)
-    state = model0.obj if isinstance(model0.obj, dict) else {}
-    dp, mp, implausible = world_sizes(state, 3 if any(_MODEL_Z3.match(n) for n in models) else 2, len(here))
-    if "dp_world_size" in state and implausible is not None:
-        # Counts from inside the file are bounded by the files there are, before any name is built from them.
-        raise IntegrityError(f"{location.url_of(prefix + models[0])}: {implausible}", url=location.url)
-    if mp > 1:
-        raise RefusedError(
-            f"{location.url_of(tag_rel)} is a tensor-parallel save (mp_world_size={mp}); consolidate merges ZeRO "
-            "data-parallel shards only, and merging mp rank 0 alone would write a fraction of the model",
-            url=location.url,
-            hint="merge the tensor-parallel ranks with the trainer's own tools first (Megatron/DeepSpeed)",
-        )
-    world = dp if "dp_world_size" in state else len(optim)
-    ranks = sorted(int(_OPTIM.match(n).group("dp")) for n in optim)  # type: ignore[union-attr]
-    bf16 = optim[0].startswith("bf16_")
-    expected = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
-    missing = [name for name in expected if name not in here]
-    if missing:
-        raise IntegrityError(
-            f"{location.url_of(tag_rel)}: missing rank file(s) {', '.join(missing)} "
-            f"(expected world size {world}, found ranks {ranks})",
-            url=location.url,
-        )
-    if len(ranks) != world:
-        raise IntegrityError(
-            f"{location.url_of(tag_rel)}: optimizer files for ranks {ranks}, but the model states say world size "
-            f"{world}: files from two saves are mixed",
-            url=location.url,
-        )
-    optims = [_archive(location, prefix + name, sizes) for name in expected]
-    osd = [a.obj.get("optimizer_state_dict", {}) if isinstance(a.obj, dict) else {} for a in optims]
-    stage3 = "fp32_flat_groups" in osd[0]
-    mismatched = partition_problems(
-        3 if stage3 else 2,
-        world,
-        list(state.get("param_shapes") or []),
-        dict(zip(expected, osd, strict=True)),
-    )
-    if mismatched:
-        # Another model's (or another save's) optimizer files: assembling would write wrong weights.
-        raise IntegrityError(f"{location.url_of(tag_rel)}: {mismatched[0]}", url=location.url)
-    partition = osd[0].get("partition_count")
-    count = max(partition) if isinstance(partition, list) else int(partition or world)
-    if count != world:
-        raise IntegrityError(
-            f"{location.url_of(tag_rel)}: optimizer files were written by {count} ranks, the model states say {world}"
-        )
-    param_shapes = [{k: _shape(v) for k, v in group.items()} for group in state.get("param_shapes") or []]
-    plan = ConsolidationPlan(tag_rel or posixpath.basename(location.root), 3 if stage3 else 2, world, [], {})
-    module = state.get("module") or {}
-    model_records = _records(model0)
-    # 1. persistent buffers, full tensors in the model states
-    for name in state.get("buffer_names") or []:
-        record = model_records.get(("module", name))
-        if record is None:
-            continue
-        plan.tensors.append(
-            SourceTensor(name, record.dtype, record.shape, (_range(model0, record, 0, record.numel),))
-        )
-    # 2. frozen parameters
-    frozen_shapes = state.get("frozen_param_shapes")
-    if frozen_shapes is None:
-        trainable = {n for g in param_shapes for n in g}
-        known = trainable | set(state.get("buffer_names") or []) | set(state.get("shared_params") or {})
-        dropped = [n for n in module if n not in known]
-        if dropped and not exclude_frozen:
-            plan.warnings.append(
-                f"this checkpoint does not store frozen parameters (ZeRO stage 1, or saved with "
-                f"exclude_frozen_parameters): {len(dropped)} are not in the output ({', '.join(dropped[:3])}...)"
-            )
-    elif not exclude_frozen:
-        plan.tensors += _frozen(
-            location,
-            prefix,
-            here,
-            sizes,
-            model0,
-            {k: _shape(v) for k, v in frozen_shapes.items()},
-            world,
-            stage3,
-        )
-    # 3. trainable parameters from the fp32 masters
-    if stage3:
-        plan.tensors += _stage3(optims, param_shapes, world)
-    else:
-        plan.tensors += _stage12(optims, osd, param_shapes)
-    plan.aliases = {str(k): str(v) for k, v in (state.get("shared_params") or {}).items()}
-    config = state.get("ds_config")
-    zero = config.get("zero_optimization") if isinstance(config, dict) else None
-    if isinstance(zero, dict) and isinstance(zero.get("stage"), int):
-        plan.stage = zero["stage"]
-    return plan
-
-
-def _frozen(
-    location: Location,
-    prefix: str,
-    here: list[str],
-    sizes: dict[str, int],
-    model0: TorchArchive,
-    shapes: dict[str, tuple[int, ...]],
-    world: int,
-    stage3: bool,
-) -> list[SourceTensor]:
-    if not stage3:
-        records = _records(model0)
-        out = []
-        for name, shape in shapes.items():
-            record = records[("frozen_param_fragments", name)]
-            out.append(SourceTensor(name, record.dtype, shape, (_range(model0, record, 0, record.numel),)))
-        return out
-    models = sorted((n for n in here if _MODEL_Z3.match(n)), key=_natural)
-    if len(models) != world:
-        raise IntegrityError(f"expected {world} ZeRO-3 model state files, found {len(models)}")
-    archives = [
-        model0 if prefix + n == model0.source.rel else _archive(location, prefix + n, sizes) for n in models
-    ]
-    by_rank = [_records(a) for a in archives]
-    out = []
-    for name, shape in shapes.items():
-        numel = math.prod(shape)
-        part = math.ceil(numel / world)
-        pieces = []
-        for archive, records in zip(archives, by_rank, strict=True):
-            record = records[("frozen_param_fragments", name)]
-            pieces.append(_range(archive, record, 0, min(part, record.numel)))
-        out.append(
-            SourceTensor(name, by_rank[0][("frozen_param_fragments", name)].dtype, shape, tuple(pieces))
-        )
-    return out
-
-
-def _stage12(
-    optims: list[TorchArchive], osd: list[dict[str, Any]], param_shapes: list[dict[str, tuple[int, ...]]]
-) -> list[SourceTensor]:
-    out = []
-    for g, shapes in enumerate(param_shapes):
-        parts = []
-        for archive in optims:
-            record = _records(archive)[("optimizer_state_dict", "single_partition_of_fp32_groups", g)]
-            parts.append((archive, record))
-        paddings = osd[0].get("param_alignment_paddings")
-        pads = paddings[g] if isinstance(paddings, list) and g < len(paddings) else [0] * len(shapes)
-        offset = 0
-        for i, (name, shape) in enumerate(shapes.items()):
-            numel = math.prod(shape)
-            out.append(SourceTensor(name, "float32", shape, tuple(_span(parts, offset, numel))))
-            offset += numel + (pads[i] if i < len(pads) else 0)
-    return out
-
-
-def _span(parts: list[tuple[TorchArchive, TensorRecord]], first: int, count: int) -> list[Range]:
-    """Elements [first, first + count) of the concatenation of the ranks' partitions."""
-    pieces, start = [], 0
-    for archive, record in parts:
-        end = start + record.numel
-        lo, hi = max(first, start), min(first + count, end)
-        if lo < hi:
-            pieces.append(_range(archive, record, lo - start, hi - lo))
-        start = end
-    if sum(p.end - p.start for p in pieces) != count * 4:
-        raise IntegrityError(
-            f"the fp32 partitions hold fewer elements than the parameter shapes need ({first + count})"
-        )
-    return pieces
-
-
-def _stage3(
-    optims: list[TorchArchive], param_shapes: list[dict[str, tuple[int, ...]]], world: int
-) -> list[SourceTensor]:
-    out = []
-    for s, shapes in enumerate(param_shapes):
-        flats = [(a, _records(a)[("optimizer_state_dict", "fp32_flat_groups", s)]) for a in optims]
-        offset = 0
-        for name, shape in shapes.items():
-            numel = math.prod(shape)
-            part = math.ceil(numel / world)
-            pieces = [_range(archive, record, offset, part) for archive, record in flats]
-            out.append(SourceTensor(name, "float32", shape, tuple(pieces)))
-            offset += part
-    return out
-
-
-STATE_DICT_FILES = (
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-    "model.safetensors.index.json",
-    "model.safetensors",
-)
-
-
-def plan_source(
-    location: Location, *, tag: str | None = None, exclude_frozen: bool = False
-) -> ConsolidationPlan:
-    """The plan for whatever checkpoint ``location`` is: a DCP folder (or a run folder holding one), one torch
-    state-dict file (``.pt``/``.bin``/Lightning ``.ckpt``, or a safetensors file), an HF weights folder (single
-    or sharded ``pytorch_model*.bin`` / ``model*.safetensors``), else a DeepSpeed ZeRO save."""
-    if location.stat().type == "file":
-        return _plan_state_dict(location)
-    entries = location.walk()
-    folder = find_dcp_folder(entries, tag)
-    if folder is not None:
-        return _plan_dcp(location, folder)
-    top = {e.path for e in entries if e.type == "file" and "/" not in e.path}
-    if tag is None and not looks_like_deepspeed(entries):
-        if top & set(STATE_DICT_FILES):
-            return _plan_state_dict(location)
-        names = sorted({e.path.split("/", 1)[0] for e in entries})
-        found = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "") or "nothing"
-        raise NotFoundError(
-            f"{location.url} is not a DeepSpeed checkpoint (no *_model_states.pt, no latest), a DCP folder (no "
-            f".metadata) or an HF weights folder (no {STATE_DICT_FILES[0]}, {STATE_DICT_FILES[2]}); it holds {found}",
-            url=location.url,
-        )
-    return plan_consolidation(location, tag=tag, exclude_frozen=exclude_frozen)
-
-
-def _plan_state_dict(location: Location) -> ConsolidationPlan:
-    """A torch state dict (names joined with ``.``) read through tensor_sources: each tensor one byte range.
-    Only the model sub-tree is kept (formats/torch_state.py); a name viewing the same bytes as an earlier one
-    (tied weights) becomes an alias, as for ZeRO."""
-    sources, what = open_state_dict(location)
-    subtree = model_subtree(sources)
-    cut = len(subtree) + 1 if subtree else 0
-    plan = ConsolidationPlan(what.rsplit("/", 1)[-1], None, None, [], {}, format="torch")
-    seen: dict[tuple[Any, ...], str] = {}
-    for name, source in sources.items():
-        if subtree and not name.startswith(subtree + "."):
-            plan.dropped += 1
-            continue
-        new = name[cut:]
-        view = (source.location.url, source.ranges, source.dtype, source.shape)
-        if view in seen and source.nbytes:
-            plan.aliases[new] = seen[view]
-            continue
-        seen[view] = new
-        plan.tensors.append(
-            SourceTensor(new, source.dtype, source.shape, source.ranges, location=source.location)
-        )
-    if subtree:
-        plan.warnings.append(f"wrote the {subtree!r} sub-tree; {plan.dropped} other tensor(s) left out")
-    return plan
-
-
-def _plan_dcp(location: Location, folder: str) -> ConsolidationPlan:
-    """The model weights of the DCP checkpoint in ``folder`` of ``location`` (formats/dcp.py ``model_names``),
-    each tensor's chunks located in the data files before anything is written: a damaged item fails the plan,
-    not a half-written output. Byte ranges are relative to ``location``, as the writer reads them."""
-    checkpoint = read_dcp_checkpoint(location.child(folder) if folder else location)
-    names = model_names([(t.fqn, t.path) for t in checkpoint.tensors] + list(checkpoint.bytes_items))
-    base = f"{folder}/" if folder else ""
-    model = [t for t in checkpoint.tensors if t.fqn in names]
-    located = locate_chunks(checkpoint, model)
-    tensors = [
-        SourceTensor(
-            names[t.fqn],
-            t.dtype,
-            t.shape,
-            (),
-            tuple(replace(c, range=replace(c.range, rel=base + c.range.rel)) for c in located[t.fqn]),
-        )
-        for t in model
-    ]
-    plan = ConsolidationPlan(
-        folder or posixpath.basename(location.root),
-        None,
-        None,
-        tensors,
-        {},
-        format="dcp",
-        dropped=len(checkpoint.tensors) - len(tensors),
-        non_tensors=[names[n] for n, _ in checkpoint.bytes_items if n in names],
-    )
-    if checkpoint.metadata_files[0] != DCP_METADATA:
-        plan.warnings.append(
-            f"saved with use_collectives=False: merged {len(checkpoint.metadata_files)} per-rank metadata files"
-        )
-    if plan.non_tensors:
-        shown = ", ".join(plan.non_tensors[:5]) + ("..." if len(plan.non_tensors) > 5 else "")
-        plan.warnings.append(
-            f"{len(plan.non_tensors)} non-tensor item(s) left out (never unpickled): {shown}"
-        )
-    return plan
-
-
-def _to_numpy(data: bytes, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-    return np.frombuffer(data, dtype=np.dtype(_NUMPY[dtype]).newbyteorder("<"))
-
-
-_NUMPY = {
-    "float32": "f4",
-    "float16": "f2",
-    "float64": "f8",
-    "int64": "i8",
-    "int32": "i4",
-    "int16": "i2",
-    "int8": "i1",
-    "uint8": "u1",
-    "bool": "?",
-}
+_CASTABLE = {"float64", "float32", "float16", "bfloat16"}
+"""The floating dtypes ``cast`` converts; integer, bool and 8-bit float tensors are written as stored."""
 
 
 def cast(data: bytes, source: str, target: str) -> bytes:
     """Convert raw little-endian bytes between dtypes; float -> bf16 rounds to nearest even like torch."""
     if source == target:
         return data
-    values = _to_numpy(data, source).astype(np.float32)
+    values = to_numpy(data, source).astype(np.float32)
     if target == "float32":
         return values.astype("<f4").tobytes()
     if target == "float16":
@@ -594,7 +167,7 @@ def consolidate(
     if os.path.exists(final) and not force:
         raise RefusedError(f"{final} exists; pass --force to replace it")
     plan = plan_source(src, tag=tag, exclude_frozen=exclude_frozen)
-    target = OUTPUT_DTYPES[dtype] if dtype else ("float32" if plan.format == "zero" else None)
+    target = OUTPUT_DTYPES[dtype] if dtype else plan.default_dtype
     names = {t.name for t in plan.tensors}
     order = list(plan.tensors)
     if keep_tied:
@@ -608,7 +181,7 @@ def consolidate(
     made_folder = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     planned = [
-        PlannedTensor(t.name, target if target and t.dtype in _FLOATS else t.dtype, t.shape) for t in order
+        PlannedTensor(t.name, target if target and t.dtype in _CASTABLE else t.dtype, t.shape) for t in order
     ]
     metadata = {"format": "pt"}
     if aliases and not keep_tied:
@@ -631,7 +204,7 @@ def consolidate(
                 stream = SafetensorsStream(handle, [planned[i] for i in group], metadata)
                 for index in group:
                     tensor, out = order[index], planned[index]
-                    written += stream.write(out.name, _tensor_chunks(src, tensor, out.dtype))
+                    written += stream.write(out.name, _tensor_chunks(tensor, out.dtype))
                     weight_map[out.name] = os.path.basename(path)
                     if on_bytes is not None:
                         on_bytes(out.nbytes)
@@ -670,8 +243,8 @@ def consolidate(
 
 
 def _select(
-    plan: ConsolidationPlan, order: list[SourceTensor], selection: Selection, keep_tied: bool
-) -> tuple[list[SourceTensor], dict[str, str]]:
+    plan: TensorPlan, order: list[TensorSource], selection: Selection, keep_tied: bool
+) -> tuple[list[TensorSource], dict[str, str]]:
     """The tensors ``selection`` keeps, renamed; ``plan.dropped`` counts the rest. Tied aliases follow their
     names; one whose owner lies outside the selection is not written (a warning says so) unless ``keep_tied``
     made it a copy."""
@@ -716,16 +289,9 @@ def _consolidate_to_store(
     return replace(result, output=target.url_of(final))
 
 
-def _tensor_chunks(src: Location, tensor: SourceTensor, target: str) -> Iterator[bytes]:
-    """A tensor's bytes in ``target`` dtype, read in bounded chunks and cut to its size (ZeRO-3 partitions are
-    padded): memory stays bounded whatever the tensor's size (DCP chunks that are not slabs of the first
-    dimension: about twice that tensor)."""
-    where = tensor.location or src
-    if tensor.chunks:
-        pieces = assemble_chunks(where, tensor.name, tensor.dtype, tensor.shape, tensor.chunks)
-    else:
-        pieces = TensorSource(where, tensor.name, tensor.dtype, tensor.shape, tensor.pieces).chunks()
-    for data in pieces:
+def _tensor_chunks(tensor: TensorSource, target: str) -> Iterator[bytes]:
+    """A tensor's bytes in ``target`` dtype, read in bounded chunks (``TensorSource.stream``)."""
+    for data in tensor.stream():
         yield cast(data, tensor.dtype, target)
 
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptctl.convert.safetensors_writer import PlannedTensor, SafetensorsStream
-from ckptctl.convert.tensor_sources import TensorSource, open_state_dict
 from ckptctl.errors import NotFoundError, PermissionDeniedError, RefusedError, UsageError
 from ckptctl.formats.peft import ADAPTER_CONFIG, check_adapter_config, read_adapter_config
+from ckptctl.formats.sources import open_state_dict
+from ckptctl.formats.tensor_layout import TensorSource
 from ckptctl.storage.atomic import (
     commit_folder,
     disk_error,
@@ -376,7 +377,7 @@ def write_adapter(
     then renamed into place; on failure (a full disk included) it is removed and OUT_DIR is as it was."""
     started = time.perf_counter()
     out_dir = checked_out_dir(out_dir, force=force)
-    get_chunks = chunks_of or (lambda t: t.chunks())
+    get_chunks = chunks_of or (lambda t: t.stream())
     get_dtype = dtype_of or (lambda t: t.dtype)
     get_shape = shape_of or (lambda t: t.shape)
     planned = safetensors_order(PlannedTensor(k, get_dtype(v), get_shape(v)) for k, v in tensors.items())

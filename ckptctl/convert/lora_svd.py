@@ -27,8 +27,9 @@ from ckptctl.convert.lora import (
     target_modules_for,
     write_adapter,
 )
-from ckptctl.convert.tensor_sources import TensorSource, open_state_dict
 from ckptctl.errors import BackendNotInstalledError, IntegrityError, UsageError
+from ckptctl.formats.sources import open_state_dict
+from ckptctl.formats.tensor_layout import TensorSource
 from ckptctl.storage.location import Location
 
 EMBEDDING_LEAVES = {

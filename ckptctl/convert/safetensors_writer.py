@@ -10,20 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO
 
-from ckptctl.formats.model import nbytes_of
-
-SAFETENSORS_DTYPES = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-}
+from ckptctl.errors import UsageError
+from ckptctl.formats.model import SAFETENSORS_CODE, nbytes_of
 
 
 @dataclass(frozen=True)
@@ -43,8 +31,10 @@ def encode_header(tensors: Iterable[PlannedTensor], metadata: dict[str, str]) ->
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for tensor in tensors:
+        if tensor.dtype not in SAFETENSORS_CODE:
+            raise UsageError(f"tensor {tensor.name}: safetensors has no {tensor.dtype} dtype")
         header[tensor.name] = {
-            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "dtype": SAFETENSORS_CODE[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + tensor.nbytes],
         }

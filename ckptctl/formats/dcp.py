@@ -11,7 +11,7 @@ from __future__ import annotations
 import posixpath
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ckptctl.errors import IntegrityError, NotFoundError, TruncatedError
@@ -27,7 +27,7 @@ from ckptctl.formats.model import (
 )
 from ckptctl.formats.restricted_pickle import PickledObject, TorchDType, restricted_loads
 from ckptctl.formats.source import FileSource
-from ckptctl.formats.tensor_layout import Chunk, Range, is_contiguous
+from ckptctl.formats.tensor_layout import Chunk, Range, TensorPlan, TensorSource, is_contiguous
 from ckptctl.formats.torch_zip import TAIL_PROBE_BYTES, ZIP_MAGIC, read_torch_archive
 from ckptctl.storage.location import FileEntry, Location
 
@@ -551,3 +551,41 @@ def locate_chunks(checkpoint: DcpCheckpoint, tensors: Iterable[DcpTensor]) -> di
         )
         for t in wanted
     }
+
+
+def plan_dcp(location: Location, folder: str) -> TensorPlan:
+    """The model weights of the DCP checkpoint in ``folder`` of ``location`` (formats/dcp.py ``model_names``),
+    each tensor's chunks located in the data files before anything is written: a damaged item fails the plan,
+    not a half-written output. Byte ranges are relative to ``location``, as the writer reads them."""
+    checkpoint = read_dcp_checkpoint(location.child(folder) if folder else location)
+    names = model_names([(t.fqn, t.path) for t in checkpoint.tensors] + list(checkpoint.bytes_items))
+    base = f"{folder}/" if folder else ""
+    model = [t for t in checkpoint.tensors if t.fqn in names]
+    located = locate_chunks(checkpoint, model)
+    tensors = [
+        TensorSource(
+            location,
+            names[t.fqn],
+            t.dtype,
+            t.shape,
+            chunks=tuple(replace(c, range=replace(c.range, rel=base + c.range.rel)) for c in located[t.fqn]),
+        )
+        for t in model
+    ]
+    plan = TensorPlan(
+        folder or posixpath.basename(location.root),
+        "dcp",
+        tensors,
+        dropped=len(checkpoint.tensors) - len(tensors),
+        non_tensors=[names[n] for n, _ in checkpoint.bytes_items if n in names],
+    )
+    if checkpoint.metadata_files[0] != METADATA:
+        plan.warnings.append(
+            f"saved with use_collectives=False: merged {len(checkpoint.metadata_files)} per-rank metadata files"
+        )
+    if plan.non_tensors:
+        shown = ", ".join(plan.non_tensors[:5]) + ("..." if len(plan.non_tensors) > 5 else "")
+        plan.warnings.append(
+            f"{len(plan.non_tensors)} non-tensor item(s) left out (never unpickled): {shown}"
+        )
+    return plan

@@ -8,17 +8,19 @@ files must exist, so a missing one is named without opening the others. ``verify
 
 from __future__ import annotations
 
+import math
 import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ckptctl.errors import IntegrityError, NotFoundError
+from ckptctl.errors import IntegrityError, NotFoundError, RefusedError
 from ckptctl.formats.model import Defect, FileFact, Inspection, TensorInfo, checked_shape, nbytes_of, numel_of
 from ckptctl.formats.restricted_pickle import PickledObject, TensorRef
 from ckptctl.formats.source import FileSource
-from ckptctl.formats.torch_zip import read_torch_archive
+from ckptctl.formats.tensor_layout import Range, TensorPlan, TensorSource, is_contiguous
+from ckptctl.formats.torch_zip import TensorRecord, TorchArchive, read_torch_archive
 from ckptctl.storage.location import POINTER_FILE_LIMIT, FileEntry, Location
 
 MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<mp>\d+)_model_states\.pt$")
@@ -40,10 +42,21 @@ def is_deepspeed_dir(names: set[str]) -> bool:
     return any(MODEL_STATES.match(n) or OPTIM_STATES.match(n) for n in names)
 
 
-def find_tag(location: Location, entries: Sequence[FileEntry]) -> DeepSpeedTag | None:
-    """The tag folder to read: the location itself, or the one ``latest`` names (else the only tag)."""
+def looks_like_deepspeed(entries: Sequence[FileEntry]) -> bool:
+    """A DeepSpeed save or tag folder: model states, or the ``latest`` pointer (anywhere in the listing)."""
+    return any(e.path.endswith("model_states.pt") or e.path == "latest" for e in entries)
+
+
+def find_tag(location: Location, entries: Sequence[FileEntry], tag: str | None = None) -> DeepSpeedTag | None:
+    """The tag folder to read: ``tag`` when given, else the location itself, or the one ``latest`` names (else
+    the only tag); None when there is no tag or several and no ``latest``."""
     files = [e for e in entries if e.type == "file"]
     top = {e.path: e for e in files if "/" not in e.path}
+    if tag is not None:
+        inside = {e.name: e for e in files if e.parent == tag}
+        if not inside:
+            raise NotFoundError(f"no tag {tag!r} in {location.url}", url=location.url)
+        return DeepSpeedTag(tag, None, inside)
     if is_deepspeed_dir(set(top)):
         return DeepSpeedTag("", None, top)
     latest: str | None = None
@@ -51,9 +64,7 @@ def find_tag(location: Location, entries: Sequence[FileEntry]) -> DeepSpeedTag |
         latest = (
             location.read_bytes("latest", max_bytes=POINTER_FILE_LIMIT).decode("utf-8", "replace").strip()
         )
-    tags = sorted(
-        {e.parent for e in files if e.parent and "/" not in e.parent and is_deepspeed_dir({e.name})}
-    )
+    tags = tag_folders(files)
     if latest is not None:
         chosen = latest
         if chosen not in tags:
@@ -67,6 +78,38 @@ def find_tag(location: Location, entries: Sequence[FileEntry]) -> DeepSpeedTag |
         return None
     inside = {e.name: e for e in files if e.parent == chosen}
     return DeepSpeedTag(chosen, latest, inside)
+
+
+def tag_folders(files: Sequence[FileEntry]) -> list[str]:
+    """The folders directly under the location that hold DeepSpeed rank files."""
+    return sorted(
+        {e.parent for e in files if e.parent and "/" not in e.parent and is_deepspeed_dir({e.name})}
+    )
+
+
+def require_tag(location: Location, entries: Sequence[FileEntry], tag: str | None) -> DeepSpeedTag:
+    """``find_tag``, or NotFoundError saying why there is no one tag to read (none, or several and no
+    ``latest``)."""
+    found = find_tag(location, entries, tag)
+    if found is not None:
+        return found
+    tags = tag_folders([e for e in entries if e.type == "file"])
+    if not tags:
+        raise NotFoundError(
+            f"{location.url} is not a DeepSpeed checkpoint (no *_model_states.pt, no latest)",
+            url=location.url,
+        )
+    raise NotFoundError(
+        f"{location.url} has several tags ({', '.join(tags)}) and no latest file",
+        url=location.url,
+        hint="pass --tag",
+    )
+
+
+def _is_zero3_model(name: str) -> bool:
+    """ZeRO-3 writes one model-states file per data-parallel rank (``zero_pp_rank_D_mp_rank_M_...``)."""
+    match = MODEL_STATES.match(name)
+    return match is not None and match.group("dp") is not None
 
 
 def _shapes(value: Any) -> dict[str, tuple[int, ...]]:
@@ -328,3 +371,245 @@ def inspect_deepspeed(
         notes=tuple(notes),
         verified=verify,
     )
+
+
+# --- ZeRO shards as tensor sources (what consolidate and extract-lora read) ---
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _archive(location: Location, rel: str, sizes: dict[str, int]) -> TorchArchive:
+    return read_torch_archive(FileSource(location, rel, sizes[rel]))
+
+
+def _records(archive: TorchArchive) -> dict[tuple[Any, ...], TensorRecord]:
+    return {record.path: record for record in archive.tensors}
+
+
+def _range(archive: TorchArchive, record: TensorRecord, first: int, count: int) -> Range:
+    """Elements [first, first + count) of a contiguous tensor, as a byte range of its file."""
+    if not is_contiguous(record.shape, record.stride):
+        raise IntegrityError(f"{archive.source.name}: tensor {record.name} is not contiguous")
+    start = archive.tensor_byte_offset(record) + first * record.itemsize
+    return Range(archive.source.rel, start, start + count * record.itemsize)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in value)
+
+
+def plan_zero(location: Location, *, tag: str | None = None, exclude_frozen: bool = False) -> TensorPlan:
+    """Find every tensor's bytes in the shards, reading only headers and pickles (no tensor data)."""
+    found = require_tag(location, location.walk(), tag)
+    tag_rel = found.tag_dir
+    prefix = f"{tag_rel}/" if tag_rel else ""
+    sizes = {prefix + name: e.size for name, e in found.files.items()}
+    here = sorted(found.files, key=_natural)
+    optim = [n for n in here if OPTIM_STATES.match(n)]
+    models = [n for n in here if n.endswith("model_states.pt")]
+    if not models:
+        raise NotFoundError(
+            f"{location.url_of(tag_rel)} is not a DeepSpeed checkpoint tag (no *_model_states.pt)"
+        )
+    if not optim:
+        raise IntegrityError(f"{location.url_of(tag_rel)}: no ZeRO optimizer files (*_optim_states.pt)")
+    model0 = _archive(location, prefix + models[0], sizes)
+    state = model0.obj if isinstance(model0.obj, dict) else {}
+    dp, mp, implausible = world_sizes(state, 3 if any(_is_zero3_model(n) for n in models) else 2, len(here))
+    if "dp_world_size" in state and implausible is not None:
+        # Counts from inside the file are bounded by the files there are, before any name is built from them.
+        raise IntegrityError(f"{location.url_of(prefix + models[0])}: {implausible}", url=location.url)
+    if mp > 1:
+        raise RefusedError(
+            f"{location.url_of(tag_rel)} is a tensor-parallel save (mp_world_size={mp}); consolidate merges ZeRO "
+            "data-parallel shards only, and merging mp rank 0 alone would write a fraction of the model",
+            url=location.url,
+            hint="merge the tensor-parallel ranks with the trainer's own tools first (Megatron/DeepSpeed)",
+        )
+    world = dp if "dp_world_size" in state else len(optim)
+    ranks = sorted(int(OPTIM_STATES.match(n).group("dp")) for n in optim)  # type: ignore[union-attr]
+    bf16 = optim[0].startswith("bf16_")
+    expected = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    missing = [name for name in expected if name not in here]
+    if missing:
+        raise IntegrityError(
+            f"{location.url_of(tag_rel)}: missing rank file(s) {', '.join(missing)} "
+            f"(expected world size {world}, found ranks {ranks})",
+            url=location.url,
+        )
+    if len(ranks) != world:
+        raise IntegrityError(
+            f"{location.url_of(tag_rel)}: optimizer files for ranks {ranks}, but the model states say world size "
+            f"{world}: files from two saves are mixed",
+            url=location.url,
+        )
+    optims = [_archive(location, prefix + name, sizes) for name in expected]
+    osd = [a.obj.get("optimizer_state_dict", {}) if isinstance(a.obj, dict) else {} for a in optims]
+    stage3 = "fp32_flat_groups" in osd[0]
+    mismatched = partition_problems(
+        3 if stage3 else 2,
+        world,
+        list(state.get("param_shapes") or []),
+        dict(zip(expected, osd, strict=True)),
+    )
+    if mismatched:
+        # Another model's (or another save's) optimizer files: assembling would write wrong weights.
+        raise IntegrityError(f"{location.url_of(tag_rel)}: {mismatched[0]}", url=location.url)
+    partition = osd[0].get("partition_count")
+    count = max(partition) if isinstance(partition, list) else int(partition or world)
+    if count != world:
+        raise IntegrityError(
+            f"{location.url_of(tag_rel)}: optimizer files were written by {count} ranks, the model states say {world}"
+        )
+    param_shapes = [{k: _shape(v) for k, v in group.items()} for group in state.get("param_shapes") or []]
+    plan = TensorPlan(
+        tag_rel or posixpath.basename(location.root),
+        "zero",
+        [],
+        stage=3 if stage3 else 2,
+        world_size=world,
+        default_dtype="float32",
+    )
+    module = state.get("module") or {}
+    model_records = _records(model0)
+    # 1. persistent buffers, full tensors in the model states
+    for name in state.get("buffer_names") or []:
+        record = model_records.get(("module", name))
+        if record is None:
+            continue
+        plan.tensors.append(
+            TensorSource(
+                location, name, record.dtype, record.shape, (_range(model0, record, 0, record.numel),)
+            )
+        )
+    # 2. frozen parameters
+    frozen_shapes = state.get("frozen_param_shapes")
+    if frozen_shapes is None:
+        trainable = {n for g in param_shapes for n in g}
+        known = trainable | set(state.get("buffer_names") or []) | set(state.get("shared_params") or {})
+        dropped = [n for n in module if n not in known]
+        if dropped and not exclude_frozen:
+            plan.warnings.append(
+                f"this checkpoint does not store frozen parameters (ZeRO stage 1, or saved with "
+                f"exclude_frozen_parameters): {len(dropped)} are not in the output ({', '.join(dropped[:3])}...)"
+            )
+    elif not exclude_frozen:
+        plan.tensors += _frozen(
+            location,
+            prefix,
+            here,
+            sizes,
+            model0,
+            {k: _shape(v) for k, v in frozen_shapes.items()},
+            world,
+            stage3,
+        )
+    # 3. trainable parameters from the fp32 masters
+    if stage3:
+        plan.tensors += _stage3(location, optims, param_shapes, world)
+    else:
+        plan.tensors += _stage12(location, optims, osd, param_shapes)
+    plan.aliases = {str(k): str(v) for k, v in (state.get("shared_params") or {}).items()}
+    config = state.get("ds_config")
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    if isinstance(zero, dict) and isinstance(zero.get("stage"), int):
+        plan.stage = zero["stage"]
+    return plan
+
+
+def _frozen(
+    location: Location,
+    prefix: str,
+    here: list[str],
+    sizes: dict[str, int],
+    model0: TorchArchive,
+    shapes: dict[str, tuple[int, ...]],
+    world: int,
+    stage3: bool,
+) -> list[TensorSource]:
+    if not stage3:
+        records = _records(model0)
+        out = []
+        for name, shape in shapes.items():
+            record = records[("frozen_param_fragments", name)]
+            out.append(
+                TensorSource(location, name, record.dtype, shape, (_range(model0, record, 0, record.numel),))
+            )
+        return out
+    models = sorted((n for n in here if _is_zero3_model(n)), key=_natural)
+    if len(models) != world:
+        raise IntegrityError(f"expected {world} ZeRO-3 model state files, found {len(models)}")
+    archives = [
+        model0 if prefix + n == model0.source.rel else _archive(location, prefix + n, sizes) for n in models
+    ]
+    by_rank = [_records(a) for a in archives]
+    out = []
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        part = math.ceil(numel / world)
+        pieces = []
+        for archive, records in zip(archives, by_rank, strict=True):
+            record = records[("frozen_param_fragments", name)]
+            pieces.append(_range(archive, record, 0, min(part, record.numel)))
+        out.append(
+            TensorSource(
+                location, name, by_rank[0][("frozen_param_fragments", name)].dtype, shape, tuple(pieces)
+            )
+        )
+    return out
+
+
+def _stage12(
+    location: Location,
+    optims: list[TorchArchive],
+    osd: list[dict[str, Any]],
+    param_shapes: list[dict[str, tuple[int, ...]]],
+) -> list[TensorSource]:
+    out = []
+    for g, shapes in enumerate(param_shapes):
+        parts = []
+        for archive in optims:
+            record = _records(archive)[("optimizer_state_dict", "single_partition_of_fp32_groups", g)]
+            parts.append((archive, record))
+        paddings = osd[0].get("param_alignment_paddings")
+        pads = paddings[g] if isinstance(paddings, list) and g < len(paddings) else [0] * len(shapes)
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            numel = math.prod(shape)
+            out.append(TensorSource(location, name, "float32", shape, tuple(_span(parts, offset, numel))))
+            offset += numel + (pads[i] if i < len(pads) else 0)
+    return out
+
+
+def _span(parts: list[tuple[TorchArchive, TensorRecord]], first: int, count: int) -> list[Range]:
+    """Elements [first, first + count) of the concatenation of the ranks' partitions."""
+    pieces, start = [], 0
+    for archive, record in parts:
+        end = start + record.numel
+        lo, hi = max(first, start), min(first + count, end)
+        if lo < hi:
+            pieces.append(_range(archive, record, lo - start, hi - lo))
+        start = end
+    if sum(p.end - p.start for p in pieces) != count * 4:
+        raise IntegrityError(
+            f"the fp32 partitions hold fewer elements than the parameter shapes need ({first + count})"
+        )
+    return pieces
+
+
+def _stage3(
+    location: Location, optims: list[TorchArchive], param_shapes: list[dict[str, tuple[int, ...]]], world: int
+) -> list[TensorSource]:
+    out = []
+    for s, shapes in enumerate(param_shapes):
+        flats = [(a, _records(a)[("optimizer_state_dict", "fp32_flat_groups", s)]) for a in optims]
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            part = math.ceil(numel / world)
+            pieces = [_range(archive, record, offset, part) for archive, record in flats]
+            out.append(TensorSource(location, name, "float32", shape, tuple(pieces)))
+            offset += part
+    return out

@@ -12,38 +12,46 @@ from typing import Any
 
 from ckptctl.errors import IntegrityError
 
-# torch dtype name -> bits per element (as the shape counts elements).
-DTYPE_BITS: dict[str, int] = {
-    "float64": 64,
-    "float32": 32,
-    "float16": 16,
-    "bfloat16": 16,
-    "complex128": 128,
-    "complex64": 64,
-    "complex32": 32,
-    "int64": 64,
-    "int32": 32,
-    "int16": 16,
-    "int8": 8,
-    "uint64": 64,
-    "uint32": 32,
-    "uint16": 16,
-    "uint8": 8,
-    "bool": 8,
-    "float8_e4m3fn": 8,
-    "float8_e5m2": 8,
-    "float8_e4m3fnuz": 8,
-    "float8_e5m2fnuz": 8,
-    "float8_e8m0fnu": 8,
-    "float4_e2m1fn_x2": 8,
+# The one dtype table: torch dtype name -> (bits per element as the shape counts elements, safetensors code,
+# little-endian numpy code). Every reader and writer derives its own view from it.
+DTYPES: dict[str, tuple[int, str | None, str | None]] = {
+    "float64": (64, "F64", "<f8"),
+    "float32": (32, "F32", "<f4"),
+    "float16": (16, "F16", "<f2"),
+    "bfloat16": (16, "BF16", None),  # numpy has none: widened to float32 by shifting the bits
+    "complex128": (128, None, "<c16"),
+    "complex64": (64, "C64", "<c8"),
+    "complex32": (32, None, None),
+    "int64": (64, "I64", "<i8"),
+    "int32": (32, "I32", "<i4"),
+    "int16": (16, "I16", "<i2"),
+    "int8": (8, "I8", "i1"),
+    "uint64": (64, "U64", "<u8"),
+    "uint32": (32, "U32", "<u4"),
+    "uint16": (16, "U16", "<u2"),
+    "uint8": (8, "U8", "u1"),
+    "bool": (8, "BOOL", "?"),
+    "float8_e4m3fn": (8, "F8_E4M3", None),
+    "float8_e5m2": (8, "F8_E5M2", None),
+    "float8_e4m3fnuz": (8, "F8_E4M3FNUZ", None),
+    "float8_e5m2fnuz": (8, "F8_E5M2FNUZ", None),
+    "float8_e8m0fnu": (8, "F8_E8M0", None),
+    "float4_e2m1fn_x2": (8, None, None),
     # safetensors "F4": the shape counts 4-bit elements (two per byte).
-    "float4_e2m1": 4,
-    "qint8": 8,
-    "quint8": 8,
-    "qint32": 32,
-    "quint4x2": 8,
-    "quint2x4": 8,
+    "float4_e2m1": (4, "F4", None),
+    "qint8": (8, None, None),
+    "quint8": (8, None, None),
+    "qint32": (32, None, None),
+    "quint4x2": (8, None, None),
+    "quint2x4": (8, None, None),
 }
+DTYPE_BITS: dict[str, int] = {name: bits for name, (bits, _, _) in DTYPES.items()}
+SAFETENSORS_CODE: dict[str, str] = {name: code for name, (_, code, _) in DTYPES.items() if code}
+"""torch dtype name -> the safetensors header's code (``float32`` -> ``F32``)."""
+SAFETENSORS_DTYPE: dict[str, str] = {code: name for name, code in SAFETENSORS_CODE.items()}
+"""The safetensors header's code -> torch dtype name."""
+NUMPY_CODE: dict[str, str] = {name: code for name, (_, _, code) in DTYPES.items() if code}
+"""torch dtype name -> the little-endian numpy dtype that holds the same bytes."""
 
 FLOATING = {name for name in DTYPE_BITS if name.startswith(("float", "bfloat", "complex"))}
 

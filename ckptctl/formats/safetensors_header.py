@@ -13,33 +13,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptctl.errors import IntegrityError, TruncatedError
-from ckptctl.formats.model import MAX_DIMENSION, Defect, TensorInfo, checked_shape, nbytes_of, plain_value
+from ckptctl.formats.model import (
+    MAX_DIMENSION,
+    SAFETENSORS_DTYPE,
+    Defect,
+    TensorInfo,
+    checked_shape,
+    nbytes_of,
+    plain_value,
+)
 from ckptctl.formats.source import PROBE_BYTES, FileSource
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-
-SAFETENSORS_DTYPES: dict[str, str] = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U64": "uint64",
-    "U32": "uint32",
-    "U16": "uint16",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "C64": "complex64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    "F8_E8M0": "float8_e8m0fnu",
-    "F4": "float4_e2m1",
-}
 
 
 @dataclass(frozen=True)
@@ -113,7 +98,7 @@ def _validate(source: FileSource, length: int, header: dict[str, Any]) -> Safete
         if not isinstance(entry, dict):
             raise _bad(source, f"tensor {name[:200]!r}: entry is not an object")
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
+        dtype = SAFETENSORS_DTYPE.get(code) if isinstance(code, str) else None
         if dtype is None:
             raise _bad(source, f"tensor {name[:200]!r}: unknown dtype {plain_value(code)!s:.40}")
         try:

@@ -4,13 +4,26 @@ A Lightning ``.ckpt`` keeps the LightningModule's weights under ``state_dict`` b
 ``lr_schedulers``, ``callbacks`` and ``loops``; a hand-written training loop often saves
 ``{"model": ..., "optimizer": ..., "epoch": ...}``. Plain ``model.state_dict()`` files (``pytorch_model.bin``,
 ``model.pt``) are all model. Decided from the tensor names alone, so it costs nothing beyond the listing.
+
+Each tensor is one byte range of its file; only headers and (restricted) pickles are read to find them.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
 
+from ckptctl.errors import IntegrityError, NotFoundError, TruncatedError
 from ckptctl.formats.dcp import NON_MODEL_ROOTS
+from ckptctl.formats.deepspeed import looks_like_deepspeed
+from ckptctl.formats.model import Defect
+from ckptctl.formats.safetensors_header import read_safetensors_header
+from ckptctl.formats.source import FileSource
+from ckptctl.formats.tensor_layout import Range, TensorPlan, TensorSource, is_contiguous
+from ckptctl.formats.torch_zip import TorchArchive, read_torch_archive
+from ckptctl.storage.location import Location
 
 LIGHTNING_STATE = "state_dict"
 MODEL_WRAPPERS = ("model", "model_state_dict")
@@ -40,3 +53,145 @@ def model_subtree(names: Iterable[str]) -> str | None:
         if wrapper in roots and roots - {wrapper} <= TRAINING_STATE_ROOTS and roots != {"model"}:
             return wrapper
     return None
+
+
+STATE_DICT_FILES = (
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "model.safetensors",
+)
+
+
+def _refuse_defects(location: Location, rel: str, defects: list[Defect] | tuple[Defect, ...]) -> None:
+    """A file whose own structure proves it cut or damaged is refused whole, even when the tensors wanted lie
+    outside the damage: a conversion never turns a corrupt checkpoint into a clean-looking output."""
+    if not defects:
+        return
+    url = location.url_of(rel)
+    error = TruncatedError if any(d.truncated for d in defects) else IntegrityError
+    more = f" (and {len(defects) - 1} more)" if len(defects) > 1 else ""
+    raise error(
+        f"{url}: {defects[0].message}{more}",
+        url=url,
+        hint=f"ckptctl inspect --verify {url} lists every defect",
+    )
+
+
+def _safetensors(location: Location, rel: str, size: int) -> dict[str, TensorSource]:
+    header = read_safetensors_header(FileSource(location, rel, size))
+    _refuse_defects(location, rel, header.defects)
+    return {
+        t.name: TensorSource(location, t.name, t.dtype, t.shape, (Range(rel, *header.spans[t.name]),))
+        for t in header.tensors
+    }
+
+
+def _torch(location: Location, rel: str, size: int) -> dict[str, TensorSource]:
+    archive: TorchArchive = read_torch_archive(FileSource(location, rel, size))
+    _refuse_defects(location, rel, archive.check_members())
+    found: dict[str, TensorSource] = {}
+    for record in archive.tensors:
+        if not is_contiguous(record.shape, record.stride):
+            raise IntegrityError(f"{location.url_of(rel)}: tensor {record.name} is not contiguous")
+        start = archive.tensor_byte_offset(record)
+        end = start + record.numel * record.itemsize
+        found[record.name] = TensorSource(
+            location, record.name, record.dtype, record.shape, (Range(rel, start, end),)
+        )
+    return found
+
+
+def open_file(location: Location, rel: str, size: int) -> dict[str, TensorSource]:
+    """A state dict file by its content: safetensors, or a torch zip archive (``.pt``, ``.bin``, ``.pth``)."""
+    head = location.read_range(rel, 0, 4)
+    if head.startswith(b"PK"):
+        return _torch(location, rel, size)
+    return _safetensors(location, rel, size)
+
+
+def _weight_map(location: Location, index_name: str) -> dict[str, str]:
+    """An HF shard index's ``weight_map`` (tensor -> shard file in this folder); IntegrityError when it is not
+    JSON of that shape."""
+    try:
+        weight_map = json.loads(location.read_bytes(index_name)).get("weight_map")
+    except (ValueError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+        for k, v in weight_map.items()
+    ):
+        raise IntegrityError(
+            f"{location.url_of(index_name)}: not a shard index (no weight_map of file names)"
+        )
+    return weight_map
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.pt",
+    "full_state_dict.safetensors",
+    "full_state_dict.pt",
+)
+
+
+def open_weights(location: Location) -> tuple[dict[str, TensorSource], str] | None:
+    """A torch state dict as tensor sources: one file (safetensors or a torch archive), or a folder of HF
+    weights (a shard index, one weights file, or the only ``.safetensors``/``.pt`` file at its top); returns the
+    tensors and a description of what was opened, or None when the folder holds no such file."""
+    entry = location.stat()
+    if entry.type == "file":
+        return open_file(location.parent(), location.name, entry.size), location.url
+    entries = location.walk()
+    files = {e.path: e for e in entries if e.type == "file"}
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if index_name in files:
+            weight_map = _weight_map(location, index_name)
+            found: dict[str, TensorSource] = {}
+            for shard in sorted(set(weight_map.values())):
+                if shard not in files:
+                    raise NotFoundError(f"{location.url_of(index_name)} names {shard}, which is missing")
+                found.update(open_file(location, shard, files[shard].size))
+            absent = next((n for n, shard in weight_map.items() if n not in found), None)
+            if absent is not None:
+                raise IntegrityError(
+                    f"{location.url_of(index_name)}: tensor {absent!r} is not in {weight_map[absent]}",
+                    url=location.url_of(weight_map[absent]),
+                )
+            return found, location.url_of(index_name)
+    for name in WEIGHT_FILES:
+        if name in files:
+            return open_file(location, name, files[name].size), location.url_of(name)
+    if looks_like_deepspeed(entries):
+        return None  # a DeepSpeed save's .pt files are rank files, not a state dict
+    candidates = sorted(
+        p for p in files if "/" not in p and p.endswith((".safetensors", ".pt", ".bin", ".pth"))
+    )
+    if len(candidates) == 1:
+        return open_file(location, candidates[0], files[candidates[0]].size), location.url_of(candidates[0])
+    return None
+
+
+def plan_state_dict(sources: dict[str, TensorSource], what: str) -> TensorPlan:
+    """The model weights of a state dict (``open_weights``): only the model sub-tree is kept
+    (``model_subtree``); a name viewing the same bytes as an earlier one (tied weights) becomes an alias, as for
+    ZeRO."""
+    subtree = model_subtree(sources)
+    cut = len(subtree) + 1 if subtree else 0
+    plan = TensorPlan(what.rsplit("/", 1)[-1], "torch", [])
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, source in sources.items():
+        if subtree and not name.startswith(subtree + "."):
+            plan.dropped += 1
+            continue
+        new = name[cut:]
+        view = (source.location.url, source.ranges, source.dtype, source.shape)
+        if view in seen and source.nbytes:
+            plan.aliases[new] = seen[view]
+            continue
+        seen[view] = new
+        plan.tensors.append(replace(source, name=new))
+    if subtree:
+        plan.warnings.append(f"wrote the {subtree!r} sub-tree; {plan.dropped} other tensor(s) left out")
+    return plan

@@ -267,8 +267,7 @@ def test_chunks_assemble_in_c_order_for_any_tiling(tmp_path: Path) -> None:
     """Shard(1) and 2-d block tilings go through the in-memory path, Shard(0) through the streaming one."""
     import numpy as np
 
-    from ckptctl.convert.tensor_sources import assemble_chunks, slab_ranges
-    from ckptctl.formats.tensor_layout import Chunk, Range
+    from ckptctl.formats.tensor_layout import Chunk, Range, TensorSource, slab_ranges
     from ckptctl.storage.location import Location
 
     full = np.arange(5 * 7, dtype="<i4").reshape(5, 7)
@@ -282,7 +281,7 @@ def test_chunks_assemble_in_c_order_for_any_tiling(tmp_path: Path) -> None:
     location = Location.from_url(str(tmp_path))
     assert slab_ranges((5, 7), tuple(chunks)) is None
     assert (
-        b"".join(assemble_chunks(location, "t", "int32", (5, 7), tuple(reversed(chunks)))) == full.tobytes()
+        TensorSource(location, "t", "int32", (5, 7), chunks=tuple(reversed(chunks))).read() == full.tobytes()
     )
     rows = (Chunk((3, 0), (2, 7), Range("blob", 0, 56)), Chunk((0, 0), (3, 7), Range("blob", 56, 140)))
     assert slab_ranges((5, 7), rows) == (Range("blob", 56, 140), Range("blob", 0, 56))
