@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ckptctl.catalog.model import Layout, Ordinal, Status
+from ckptctl.formats.dcp import PER_RANK_METADATA
 from ckptctl.formats.deepspeed import OPTIM_STATES
 
 CHECKPOINT_FILE_SUFFIXES = (
@@ -225,10 +226,8 @@ def judge_dir(layout: Layout, rel_files: set[str], name: str, empty: frozenset[s
             return Verdict(Status.COMPLETE, ".metadata present")
         if "model.safetensors.index.json" in top:
             return Verdict(Status.COMPLETE, "model.safetensors.index.json present")
-        if any(re.fullmatch(r"__\d+\.metadata", f) for f in top):
-            return Verdict(
-                Status.INCOMPLETE, "only per-rank __N.metadata (use_collectives=False): no global .metadata"
-            )
+        if any(PER_RANK_METADATA.match(f) for f in top):
+            return _per_rank_dcp(top, empty)
         if ".metadata.tmp" in top:
             return Verdict(Status.INCOMPLETE, ".metadata.tmp not yet renamed to .metadata")
         return Verdict(Status.INCOMPLETE, "no .metadata (DCP writes it last)")
@@ -294,3 +293,31 @@ def judge_deepspeed_tag(top: set[str]) -> Verdict:
                 Status.INCOMPLETE, f"missing ZeRO rank file(s) for dp rank {', '.join(map(str, missing))}"
             )
     return Verdict(Status.UNKNOWN, "no latest file names this tag")
+
+
+_DCP_DATA = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+
+def _per_rank_dcp(top: set[str], empty: frozenset[str]) -> Verdict:
+    """A DCP save made with ``use_collectives=False``: each rank writes its data files, then its own
+    ``__R.metadata``; no file records the world size. Complete when the ranks with metadata are 0..N-1, each
+    non-empty, and every rank that wrote data also wrote its metadata; a save cut mid-way leaves data without
+    metadata or a gap in the ranks. A last rank that wrote nothing at all cannot be seen from names; consolidate
+    then refuses the tensors whose chunks no longer tile."""
+    with_metadata = {int(m.group(1)) for f in top if (m := PER_RANK_METADATA.match(f))}
+    with_data = {int(m.group(1)) for f in top if (m := _DCP_DATA.match(f))}
+    blank = sorted(f for f in top & empty if PER_RANK_METADATA.match(f))
+    if blank:
+        return Verdict(Status.INCOMPLETE, f"{blank[0]} is empty (the save was cut off writing it)")
+    if with_data - with_metadata:
+        return Verdict(
+            Status.INCOMPLETE,
+            f"rank {min(with_data - with_metadata)} wrote data but no __N.metadata (use_collectives=False)",
+        )
+    if with_metadata != set(range(len(with_metadata))):
+        missing = min(set(range(max(with_metadata) + 1)) - with_metadata)
+        return Verdict(Status.INCOMPLETE, f"no __{missing}.metadata among the per-rank metadata files")
+    return Verdict(
+        Status.COMPLETE,
+        f"per-rank metadata of ranks 0..{len(with_metadata) - 1} (use_collectives=False; no global .metadata)",
+    )

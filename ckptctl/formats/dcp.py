@@ -199,13 +199,11 @@ def inspect_dcp(location: Location, entries: Sequence[FileEntry], *, verify: boo
     """Describe a DCP checkpoint folder from its ``.metadata`` and the listing of its data files."""
     files = {e.path: e for e in entries if e.type == "file" and "/" not in e.path}
     if METADATA not in files:
-        per_rank = sorted(n for n in files if n.startswith("__") and n.endswith(".metadata"))
-        what = (
-            f"only per-rank {', '.join(per_rank)} (saved with use_collectives=False): no global .metadata"
-            if per_rank
-            else "no .metadata (rank 0 writes it last: the save did not finish)"
+        if any(PER_RANK_METADATA.match(n) for n in files):
+            return _inspect_per_rank(location, files, verify=verify)
+        raise IntegrityError(
+            f"{location.url}: no .metadata (rank 0 writes it last: the save did not finish)", url=location.url
         )
-        raise IntegrityError(f"{location.url}: {what}", url=location.url)
     metadata = read_dcp_metadata(location, METADATA)
     state_dict = metadata.get("state_dict_metadata") or {}
     storage = metadata.get("storage_data") or {}
@@ -221,12 +219,7 @@ def inspect_dcp(location: Location, entries: Sequence[FileEntry], *, verify: boo
         name, dtype, size, chunks = parsed
         chunk_counts[name] = len(chunks)
         defects += [Defect(METADATA, p) for p in _chunk_defects(name, size, chunks)]
-        role = (
-            "optimizer"
-            if name.startswith(("optimizer.", "optim."))
-            else ("other" if name.startswith(NON_MODEL_PREFIXES) else "param")
-        )
-        tensors.append(TensorInfo(name, dtype, size, nbytes_of(dtype, size), role))
+        tensors.append(TensorInfo(name, dtype, size, nbytes_of(dtype, size), _role(name)))
     needed = _needed_sizes(storage.values(), location.url_of(METADATA))
     defects += _file_defects(files, needed, METADATA)
     if verify:
@@ -301,6 +294,56 @@ class DcpCheckpoint:
     bytes_items: tuple[tuple[str, tuple[Any, ...]], ...]
     file_sizes: dict[str, int]
     """Size of every data file referenced (all present and large enough)."""
+
+
+def _role(name: str) -> str:
+    if name.startswith(("optimizer.", "optim.")):
+        return "optimizer"
+    return "other" if name.startswith(NON_MODEL_PREFIXES) else "param"
+
+
+def _inspect_per_rank(location: Location, files: dict[str, FileEntry], *, verify: bool) -> Inspection:
+    """A ``use_collectives=False`` save described from its per-rank metadata merged (``read_dcp_checkpoint``:
+    a rank missing shows as chunks that do not tile, an IntegrityError). ``verify`` also checks every item of
+    every data file, rank by rank."""
+    checkpoint = read_dcp_checkpoint(location)
+    tensors = [
+        TensorInfo(t.fqn, t.dtype, t.shape, nbytes_of(t.dtype, t.shape), _role(t.fqn))
+        for t in checkpoint.tensors
+    ]
+    defects: list[Defect] = []
+    if verify:
+        for rel in checkpoint.metadata_files:
+            storage = read_dcp_metadata(location, rel).get("storage_data") or {}
+            defects += _item_defects(location, files, storage)
+    facts = {
+        "dcp": {
+            "metadata_files": list(checkpoint.metadata_files),
+            "use_collectives": False,
+            "tensors": len(tensors),
+            "bytes_items": len(checkpoint.bytes_items),
+            "chunks": sum(len(t.chunks) for t in checkpoint.tensors),
+            "sharded_tensors": sum(1 for t in checkpoint.tensors if len(t.chunks) > 1),
+            "files_referenced": sorted(checkpoint.file_sizes),
+            "files_unreferenced": sorted(
+                n for n in files if n.endswith(".distcp") and n not in checkpoint.file_sizes
+            ),
+        }
+    }
+    metadata_set = set(checkpoint.metadata_files)
+    facts_files = [FileFact(n, files[n].size, "metadata") for n in checkpoint.metadata_files]
+    facts_files += [FileFact(n, files[n].size, "data") for n in sorted(files) if n not in metadata_set]
+    return Inspection(
+        url=location.url,
+        format="dcp",
+        files=tuple(facts_files),
+        tensors=tuple(tensors),
+        metadata={"bytes_items": [name for name, _ in checkpoint.bytes_items]},
+        facts=facts,
+        defects=tuple(defects),
+        verified=verify,
+        notes=("saved with use_collectives=False: described from the per-rank metadata files merged",),
+    )
 
 
 def find_dcp_folder(entries: Sequence[FileEntry], tag: str | None) -> str | None:

@@ -112,9 +112,11 @@ def test_dcp_corrupt_item_needs_verify(tmp_path: Path) -> None:
 def test_dcp_without_global_metadata(tmp_path: Path) -> None:
     step = copy_fixture(DCP, tmp_path / "step-3")
     (step / ".metadata").rename(step / "__0.metadata")
-    with pytest.raises(
-        IntegrityError, match=r"only per-rank __0.metadata \(saved with use_collectives=False\)"
-    ):
+    described = inspect_checkpoint(str(step))  # read as a use_collectives=False save of one rank file
+    assert described.complete and described.facts["dcp"]["metadata_files"] == ["__0.metadata"]
+    assert any("use_collectives=False" in note for note in described.notes)
+    (step / "__0.metadata").unlink()
+    with pytest.raises(IntegrityError, match=r"no \.metadata \(rank 0 writes it last"):
         inspect_checkpoint(str(step))
 
 
