@@ -86,12 +86,19 @@ class RunSummary:
         return sum(self.by_status.values())
 
     @property
+    def checkpoint_folder(self) -> str:
+        """The folder holding its checkpoints (``path``, or its trainer's ``checkpoints/``): the one that
+        ``prune --each-run`` locks and reads policy files from."""
+        return self.units[0].run if self.units else self.path
+
+    @property
     def leftover_bytes(self) -> int:
         return sum(item.bytes or 0 for item in self.leftovers)
 
     def to_dict(self, now: float) -> dict[str, Any]:
         return {
             "path": self.path,
+            "checkpoint_folder": self.checkpoint_folder,
             "layouts": list(self.layouts),
             "checkpoints": self.checkpoints,
             "by_status": dict(self.by_status),

@@ -117,3 +117,24 @@ def test_on_s3_with_an_incomplete_multipart_upload(tmp_path: Path, request: pyte
         "a/checkpoint-200/model.safetensors",
         None,
     )
+
+
+def test_a_policy_file_inside_the_trainers_checkpoint_folder_is_the_runs_rule(tmp_path: Path) -> None:
+    """runs names a torchtitan run by its folder, but reads rules where prune --each-run does: the
+    ``checkpoint/`` folder that holds the checkpoints, so both agree on what the file would free."""
+    top = tmp_path / "ckpt"
+    for step in (100, 200, 300):
+        write(top / "exp" / "checkpoint" / f"step-{step}" / "__0_0.distcp", b"d" * 32)
+        write(top / "exp" / "checkpoint" / f"step-{step}" / ".metadata", b"m" * 8)
+    write(top / "exp" / "checkpoint" / ".ckptctl.toml", "keep-last = 1\n")
+    age_tree(top)
+    survey = run_cli("runs", str(top), "--json")
+    assert survey.returncode == 0, survey.stderr
+    (run,) = json.loads(survey.stdout)["data"]["runs"]
+    assert (run["path"], run["checkpoint_folder"]) == ("exp", "exp/checkpoint")
+    assert run["policy"]["would_delete"] == 2, run["policy"]
+    assert run["policy"]["rules"][0]["from"].endswith("exp/checkpoint/.ckptctl.toml:1")
+    plan = run_cli("prune", str(top), "--each-run", "--dry-run", "--json")
+    assert plan.returncode == 0, plan.stderr
+    (planned,) = [e for e in map(json.loads, plan.stdout.splitlines()) if e.get("event") == "run"]
+    assert (planned["run"], planned["to_delete"]) == ("exp/checkpoint", ["step-100", "step-200"])

@@ -61,7 +61,12 @@ def runs(
     order = RunOrder.parse(sort)
     location = Location.from_url(root, parse_storage_options(storage_option or []))
     survey = survey_runs(location, settle_seconds=parse_duration(settle)).ordered(order)
-    previews = preview_policies(location, {run.path: run.units for run in survey.runs}, survey.policy_files)
+    # Rules are looked up from where the checkpoints are, as prune --each-run does (a Lightning run's
+    # checkpoints/.ckptctl.toml applies to it).
+    by_folder = preview_policies(
+        location, {run.checkpoint_folder: run.units for run in survey.runs}, survey.policy_files
+    )
+    previews = {run.path: by_folder[run.checkpoint_folder] for run in survey.runs}
     data = survey.to_dict()
     for record in data["runs"]:
         record["policy"] = previews[record["path"]].to_dict()
