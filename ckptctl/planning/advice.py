@@ -11,7 +11,7 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ckptctl.catalog.scan import scan_run
@@ -177,9 +177,12 @@ def _save_cost(options: AdviceOptions, m: RunMeasurement) -> Input | None:
     return Input("save_cost", m.write_time.value, "s", "measured", "the write time (synchronous saves block)")
 
 
-def _restart_cost(options: AdviceOptions) -> Input:
+def _restart_cost(options: AdviceOptions, m: RunMeasurement) -> Input:
+    """Given, else what the run's own gaps cost (an upper bound: it includes redone work), else none."""
     if options.restart_cost is not None:
         return Input("restart_cost", options.restart_cost, "s", "given", "--restart-cost")
+    if m.recovery is not None:
+        return replace(m.recovery, name="restart_cost")
     return Input(
         "restart_cost", 0.0, "s", "assumed", "not counted; pass --restart-cost to add it to the loss"
     )
@@ -221,7 +224,7 @@ def _storage(
 def advise(m: RunMeasurement, options: AdviceOptions, *, url: str, capacity: Input | None = None) -> Advice:
     """Join a run's measurement with the failure assumptions: pure, so tests can feed it any measurement."""
     step_time = m.step_time.value or 0.0
-    mtbf, save_cost, restart = _mtbf(options, m), _save_cost(options, m), _restart_cost(options)
+    mtbf, save_cost, restart = _mtbf(options, m), _save_cost(options, m), _restart_cost(options, m)
     budget = (
         Input("max_overhead", options.max_overhead, "fraction", "given", "--max-overhead")
         if options.max_overhead is not None

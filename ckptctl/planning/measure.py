@@ -132,6 +132,9 @@ class RunMeasurement:
     interval_seconds: Input
     span_seconds: float
     """From the first save's marker to the last one's."""
+    recovery: Input | None = None
+    """Time lost in the gaps beyond the steps they trained (downtime, restart and redone work): inferred,
+    an upper bound of the restart cost; None without a gap."""
 
     @property
     def complete(self) -> tuple[Save, ...]:
@@ -313,4 +316,22 @@ def measure_saves(scan: RunScan) -> RunMeasurement:
             "median time between consecutive completion markers",
         ),
         span_seconds=max(s.finished for s in saves) - min(s.finished for s in saves),
+        recovery=_recovery(stretches, step_time),
+    )
+
+
+def _recovery(stretches: Sequence[Stretch], step_time: float) -> Input | None:
+    """The median time each gap took beyond its steps at the usual rate and its save's write: what a stop
+    cost (detecting it, restarting, loading, and the work redone since the last save, which the files cannot
+    tell apart). An upper bound of the restart cost; None when no stretch is a gap."""
+    lost = [s.seconds - s.steps * step_time - (s.after.write_seconds or 0.0) for s in stretches if s.is_gap]
+    if not lost:
+        return None
+    return Input(
+        "recovery",
+        max(0.0, statistics.median(lost)),
+        "s",
+        "inferred",
+        f"median time {len(lost)} gap(s) took beyond their steps at the usual rate (downtime, restart and "
+        "redone work: an upper bound of the restart cost)",
     )

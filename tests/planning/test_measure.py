@@ -58,6 +58,30 @@ def test_a_stretch_far_slower_than_usual_is_a_sign_of_failure(tmp_path: Path) ->
     assert m.interval_seconds.value == pytest.approx(INTERVAL)
 
 
+def test_the_time_a_gap_lost_is_the_inferred_restart_cost(tmp_path: Path) -> None:
+    """A stretch five intervals long trained one interval's steps: the rest (4 intervals, less nothing else)
+    is what the stop cost, an upper bound of the restart cost; a given --restart-cost wins over it."""
+    saves = steady_run(4, every=EVERY, interval=INTERVAL, write=WRITE)
+    saves.append(SaveSpec(500, saves[-1].marker_at + 5 * INTERVAL, WRITE))
+    write_timed_run(tmp_path / "run", saves)
+    m = _measure(str(tmp_path / "run"))
+    lost = 5 * INTERVAL - EVERY * (INTERVAL - WRITE) / EVERY - WRITE
+    assert m.recovery is not None and m.recovery.value == pytest.approx(lost) == 4 * INTERVAL
+    inferred = advise(m, AdviceOptions(mtbf=86_400.0), url="run").inputs["restart_cost"]
+    assert (inferred.label, inferred.value) == ("inferred", pytest.approx(lost))
+    assert "upper bound" in inferred.basis
+    given = advise(m, AdviceOptions(mtbf=86_400.0, restart_cost=60.0), url="run").inputs["restart_cost"]
+    assert (given.label, given.value) == ("given", 60.0)
+    steady = _measure_steady(tmp_path)
+    assert steady.recovery is None
+
+
+def _measure_steady(tmp_path: Path):
+    saves = steady_run(4, every=EVERY, interval=INTERVAL, write=WRITE)
+    write_timed_run(tmp_path / "steady", saves)
+    return _measure(str(tmp_path / "steady"))
+
+
 def test_a_step_written_after_a_higher_one_is_a_restart_from_an_older_checkpoint(tmp_path: Path) -> None:
     saves = steady_run(3, every=EVERY, interval=INTERVAL, write=WRITE)
     saves.append(SaveSpec(150, saves[-1].marker_at + INTERVAL, WRITE))  # resumed from step 100
