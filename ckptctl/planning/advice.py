@@ -194,7 +194,13 @@ def _capacity(location: Location, options: AdviceOptions) -> Input | None:
     if location.is_local:
         free = shutil.disk_usage(location.full_path()).free
         return Input("capacity", float(free), "B", "measured", "free space on the run's filesystem")
-    return None
+    return Input(
+        "capacity",
+        None,
+        "B",
+        "assumed",
+        "object stores (and memory://) report no free space; pass --capacity",
+    )
 
 
 def _storage(

@@ -36,3 +36,9 @@ def test_measures_sizes_interval_and_a_cut_save_on_every_store(backend: Backend)
     assert m.interval_seconds.value >= 1.0
     assert [(e.kind, e.path) for e in m.evidence] == [("incomplete", "checkpoint-300")]
     assert advice.daly is not None and advice.daly.seconds == pytest.approx(daly_interval(300.0, 6 * 3600.0))
+    capacity = advice.inputs["capacity"]
+    if backend.name == "local":
+        assert capacity.label == "measured" and (capacity.value or 0) > 0
+    else:  # no object store reports free space: said, not guessed
+        assert (capacity.label, capacity.value) == ("assumed", None) and "--capacity" in capacity.basis
+        assert advice.storage["checkpoints_that_fit"] is None
