@@ -8,7 +8,7 @@ counted from moto's own access log (bench/list.py ``count_requests``); seconds a
 Trainer-shaped (``run-NNNN/checkpoint-N/...``, the last checkpoint of every tenth run without its
 ``trainer_state.json``), with one incomplete multipart upload per hundred runs.
 
-Usage: python bench/runs.py [--runs 1000] [--checkpoints 20] [--files 10] [--repeat 3]
+Usage: python bench/runs.py [--runs 1000] [--checkpoints 20] [--files 10] [--repeat 3] [--fill direct|api]
        python bench/runs.py --endpoint http://127.0.0.1:PORT --setup-only ...   (fill a running moto_server, for
        farm-bench: ``ckptctl runs s3://bench/root -o endpoint_url=...`` against a ``find`` one-liner)
 """
@@ -28,33 +28,94 @@ import statistics
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 from bench.list import UNIT_FILES, count_requests
-from tests.conftest import Server, start_moto
+from tests.conftest import Server, free_port, start_moto
+
+
+def root_keys(runs: int, checkpoints: int, files: int) -> Iterator[str]:
+    """The keys under ``root/`` (bucket not included): ``runs`` HF Trainer runs, the last checkpoint of every
+    tenth run without its ``trainer_state.json``."""
+    for r in range(runs):
+        for c in range(checkpoints):
+            last = c == checkpoints - 1 and r % 10 == 0
+            for name in UNIT_FILES[:files]:
+                if not (last and name == "trainer_state.json"):
+                    yield f"root/run-{r:04d}/checkpoint-{(c + 1) * 100}/{name}"
 
 
 def upload_root(fs, bucket: str, runs: int, checkpoints: int, files: int) -> int:
-    """``runs`` HF Trainer runs under bucket/root; returns the number of objects written."""
+    """The root through the S3 API (one PUT per object, slow for 200,000); returns the objects written."""
     written = 0
-    for first in range(0, runs, 50):
-        payload = {}
-        for r in range(first, min(first + 50, runs)):
-            for c in range(checkpoints):
-                last = c == checkpoints - 1 and r % 10 == 0
-                for name in UNIT_FILES[:files]:
-                    if not (last and name == "trainer_state.json"):
-                        payload[f"{bucket}/root/run-{r:04d}/checkpoint-{(c + 1) * 100}/{name}"] = b"{}"
-        fs.pipe(payload, batch_size=64)
-        written += len(payload)
+    batch: dict[str, bytes] = {}
+    for key in root_keys(runs, checkpoints, files):
+        batch[f"{bucket}/{key}"] = b"{}"
+        if len(batch) >= 5000:
+            fs.pipe(batch, batch_size=64)
+            written, batch = written + len(batch), {}
+    fs.pipe(batch, batch_size=64)
+    return written + len(batch)
+
+
+def add_uploads(fs, bucket: str, runs: int) -> None:
+    """One incomplete multipart upload per hundred runs: a leftover ``runs`` must report."""
     for r in range(0, runs, 100):
         fs.call_s3(
             "create_multipart_upload", Bucket=bucket, Key=f"root/run-{r:04d}/checkpoint-999/model.safetensors"
         )
-    return written
+
+
+FILLED_SERVER = """
+import logging, sys, time
+from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+from moto.s3.models import s3_backends
+sys.path[0] = sys.argv[2]
+from bench.runs import root_keys
+port, runs, checkpoints, files = int(sys.argv[1]), *map(int, sys.argv[3:6])
+backend = s3_backends["123456789012"]["aws"]
+backend.create_bucket("bench", "us-east-1")
+count = 0
+for key in root_keys(runs, checkpoints, files):
+    backend.put_object("bench", key, b"{}")
+    count += 1
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=True)
+server.start()
+print(f"filled {count}", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def start_filled_moto(runs: int, checkpoints: int, files: int) -> tuple[Server, int]:
+    """A moto server whose bucket is filled in its own process before it serves (no PUT per object, so
+    200,000 objects take a minute, not hours); its access log counts only the requests made afterwards."""
+    port = free_port()
+    repo = str(Path(__file__).resolve().parent.parent)
+    server = Server(
+        "moto-filled",
+        [sys.executable, "-c", FILLED_SERVER, str(port), repo, str(runs), str(checkpoints), str(files)],
+        port,
+        "/moto-api/",
+    )
+    server.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ckptctl-bench-moto-{port}.log"
+    handle = server.log.open("wb")
+    server.process = subprocess.Popen(server.argv, stdout=subprocess.PIPE, stderr=handle)
+    assert server.process.stdout is not None
+    line = ""
+    while not line.startswith("filled "):
+        line = server.process.stdout.readline().decode()
+        if not line:
+            break
+    if not line.startswith("filled "):
+        server.stop()
+        raise SystemExit(f"the filled moto server did not start: {line!r} (see {server.log})")
+    return server, int(line.split()[1])
 
 
 def measured(server: Server, work) -> tuple[float, Counter[str], object]:
@@ -76,19 +137,29 @@ def main() -> None:
     parser.add_argument("--endpoint", help="a moto_server already running (else one is started and stopped)")
     parser.add_argument("--log", help="that server's access log (its stderr), to count requests")
     parser.add_argument("--setup-only", action="store_true", help="upload the root and exit")
+    parser.add_argument(
+        "--fill",
+        choices=("direct", "api"),
+        default="direct",
+        help="direct: a moto server filled in its own process before it serves (fast); api: PUT every object",
+    )
     args = parser.parse_args()
     import s3fs
 
+    t0 = time.perf_counter()
     if args.endpoint:
         server = Server("moto", [], int(args.endpoint.rsplit(":", 1)[1]), "/moto-api/")
         server.log = Path(args.log) if args.log else None
+    elif args.fill == "direct":
+        server, objects = start_filled_moto(args.runs, args.checkpoints, args.files)
     else:
         server = start_moto()
     try:
         fs = s3fs.S3FileSystem(endpoint_url=server.endpoint)
-        fs.mkdir("bench")
-        t0 = time.perf_counter()
-        objects = upload_root(fs, "bench", args.runs, args.checkpoints, args.files)
+        if args.endpoint or args.fill == "api":
+            fs.mkdir("bench")
+            objects = upload_root(fs, "bench", args.runs, args.checkpoints, args.files)
+        add_uploads(fs, "bench", args.runs)
         print(
             f"setup: {args.runs} runs x {args.checkpoints} checkpoints x {args.files} files = {objects} objects "
             f"in {time.perf_counter() - t0:.0f}s"
