@@ -88,7 +88,7 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, in
 def floor(checkpoint: Path, out: Path) -> float:
     """Read only the fp32 master ranges, write them, fsync: what any converter must at least do."""
     plan = plan_zero(Location.from_url(str(checkpoint)))
-    return copy_ranges(checkpoint, [p for t in plan.tensors for p in t.pieces], out)
+    return copy_ranges(checkpoint, [p for t in plan.tensors for p in t.ranges], out)
 
 
 def copy_ranges(checkpoint: Path, ranges: list[Range], out: Path) -> float:
