@@ -15,12 +15,26 @@ What the store does with checksums is learnt on the first file and kept for the 
 - ``C``: it rejects checksum headers (501 / NotImplemented): that file is sent again as ``B``, and
   ``notes`` says so once.
 Payload signing is off unless the options turn it on: every body carries a CRC64NVME or a Content-MD5 instead.
+
+A multipart upload survives a killed push: before its first part, a small local record (``UploadRecord``, under
+``$XDG_STATE_HOME/ckptctl/uploads``, as gsutil keeps its tracker files) notes the upload, the local file's size and
+mtime and the part size. S3 hands back no metadata of an unfinished upload (ListParts and ListMultipartUploads
+return none), so that record is what tells an upload this tool started from anyone else's. The next push of the
+same file with the same stat and part size lists the upload's parts, re-reads the local bytes of each (its size,
+CRC64NVME / CRC32C, or the ETag as MD5 at level B), reuses them when every listed part matches, sends the rest and
+completes with the full-object checksum; anything else is aborted and started over.
+
+Credentials are botocore's own: explicit keys from the options stay static, anything else (environment, profile,
+assume-role, SSO, ``credential_process``, IMDS) comes from a botocore session's resolver, whose refreshable
+credentials the signer renews before they expire, as any boto3 client does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -28,7 +42,9 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from ckptctl.errors import ChecksumMismatchError, SourceChangedError, TruncatedError
+from ckptctl.errors import ChecksumMismatchError, CkptctlError, SourceChangedError, TruncatedError
+from ckptctl.humanize import format_bytes
+from ckptctl.storage.atomic import atomic_write_local
 from ckptctl.storage.checksums import (
     CRC64_BYTES,
     Digest,
@@ -87,14 +103,127 @@ class Sent:
     level: str
 
 
+def upload_records_dir() -> str:
+    """Where a push notes the multipart uploads it started: ``$XDG_STATE_HOME/ckptctl/uploads`` (default
+    ``~/.local/state``), state that must outlive the process but is worth nothing once the upload ends."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "ckptctl", "uploads")
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """A multipart upload this tool started, and what it was uploading: one small JSON file per target object,
+    written before the first part is sent and removed when the upload completes or is aborted."""
+
+    endpoint: str
+    bucket: str
+    key: str
+    upload_id: str
+    path: str
+    """The local file (real path)."""
+    size: int
+    mtime_ns: int
+    part_size: int
+    checksums: bool
+    """Created with ``ChecksumAlgorithm=CRC64NVME`` FULL_OBJECT (level A) rather than Content-MD5 parts."""
+
+    @staticmethod
+    def file_for(endpoint: str, bucket: str, key: str) -> str:
+        name = hashlib.sha256(f"{endpoint}\n{bucket}\n{key}".encode()).hexdigest()[:32]
+        return os.path.join(upload_records_dir(), f"{name}.json")
+
+    @classmethod
+    def load(cls, endpoint: str, bucket: str, key: str) -> UploadRecord | None:
+        """The record for this object, if one is there and is for it (an unreadable one counts as none)."""
+        try:
+            with open(cls.file_for(endpoint, bucket, key), "rb") as handle:
+                fields = json.loads(handle.read(64 * 1024))
+            record = cls(**fields)
+        except (OSError, ValueError, TypeError):
+            return None
+        return record if (record.endpoint, record.bucket, record.key) == (endpoint, bucket, key) else None
+
+    def save(self) -> None:
+        """Write the record; where it cannot be written the upload still goes ahead, just not resumably."""
+        with contextlib.suppress(OSError, CkptctlError):
+            os.makedirs(upload_records_dir(), mode=0o700, exist_ok=True)
+            encoded = json.dumps(self.__dict__, sort_keys=True).encode()
+            atomic_write_local(self.file_for(self.endpoint, self.bucket, self.key), encoded)
+
+    @classmethod
+    def forget(cls, endpoint: str, bucket: str, key: str, upload_id: str) -> None:
+        """Remove the record of that upload (only that one: a newer upload of the object keeps its own)."""
+        record = cls.load(endpoint, bucket, key)
+        if record is not None and record.upload_id == upload_id:
+            with contextlib.suppress(OSError):
+                os.unlink(cls.file_for(endpoint, bucket, key))
+
+    @classmethod
+    def sweep(cls, endpoint: str, bucket: str, prefix: str, pending: set[str]) -> None:
+        """Remove the records of uploads under ``prefix`` that the store no longer has (``pending``: the ids it
+        listed there just before), left by a push killed between completing an upload and removing its record,
+        and every record whose local file is gone or changed (never resumable: its upload is aborted as
+        anyone's when a push comes by)."""
+        try:
+            names = os.listdir(upload_records_dir())
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(upload_records_dir(), name)
+            try:
+                with open(path, "rb") as handle:
+                    record = cls(**json.loads(handle.read(64 * 1024)))
+            except (OSError, ValueError, TypeError):
+                continue
+            ours = (record.endpoint, record.bucket) == (endpoint, bucket) and record.key.startswith(prefix)
+            if (ours and record.upload_id not in pending) or not record.local_unchanged():
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    def describes(self, path: str, size: int, mtime_ns: int, part_size: int, checksums: bool) -> bool:
+        """Whether this upload is of that file as it is now, in parts of that size and that checksum mode."""
+        return (self.path, self.size, self.mtime_ns, self.part_size, self.checksums) == (
+            path,
+            size,
+            mtime_ns,
+            part_size,
+            checksums,
+        )
+
+    def local_unchanged(self) -> bool:
+        """Whether the local file still has the size and mtime it had when the upload started."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_size, st.st_mtime_ns) == (self.size, self.mtime_ns)
+
+
+def resumable(endpoint: str, bucket: str, key: str, upload_id: str) -> bool:
+    """Whether a pending upload is one of ours whose local file is unchanged: the next upload of that file
+    checks its parts and resumes it (or aborts it), so a sweep of stale uploads leaves it alone."""
+    record = UploadRecord.load(endpoint, bucket, key)
+    return record is not None and record.upload_id == upload_id and record.local_unchanged()
+
+
+def store_endpoint(fs: Any) -> str:
+    """The endpoint s3fs resolved for ``fs`` (the data path's clients use the same one)."""
+    return str(fs.connect().meta.endpoint_url)
+
+
 class S3DataPath:
     """Bulk transfers for one S3 location and one run; thread-safe (one client, a connection per stream)."""
 
     def __init__(self, location: Location, streams: int = 8) -> None:
         self.location = location
         self.client = build_client(location.fs, streams)
+        self.endpoint = str(self.client.meta.endpoint_url)
         self.level: str | None = None
         self.notes: list[str] = []
+        self.sent_bytes = 0
+        """Bytes of file data sent in PutObject and UploadPart requests (a retried or redone file counts again)."""
+        self.reused_bytes = 0
+        """Bytes of interrupted multipart uploads found on the store, checked and not sent again."""
         fs: Any = location.fs
         self._request_payer: dict[str, str] = dict(getattr(fs, "req_kw", {}) or {})
         self._extra: dict[str, Any] = dict(getattr(fs, "s3_additional_kwargs", {}) or {})
@@ -189,6 +318,7 @@ class S3DataPath:
                 response = self._call(
                     "put_object", Bucket=bucket, Key=key, Body=data, **_body_check(digest, data, checksums)
                 )
+                self._count(sent=size)
                 on_bytes(size)
             else:
                 digest, response = self._multipart(
@@ -213,56 +343,173 @@ class S3DataPath:
         on_bytes: Callable[[int], None],
         checksums: bool,
     ) -> tuple[Digest, dict[str, Any]]:
-        create: dict[str, Any] = (
-            {"ChecksumAlgorithm": "CRC64NVME", "ChecksumType": "FULL_OBJECT"} if checksums else {}
-        )
-        upload_id = self._call("create_multipart_upload", Bucket=bucket, Key=key, **create)["UploadId"]
+        """A FULL_OBJECT CRC64NVME multipart upload (``checksums``; else parts with Content-MD5), resuming the
+        upload a killed push of this same file left (see the module docstring) instead of starting over."""
+        count = -(-size // part_size)
+        with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="ckptctl-part") as pool:
+            upload_id, reused = self._resumable(fd, local_path, bucket, key, size, part_size, checksums, pool)
+            if upload_id is None:
+                create: dict[str, Any] = (
+                    {"ChecksumAlgorithm": "CRC64NVME", "ChecksumType": "FULL_OBJECT"} if checksums else {}
+                )
+                upload_id = str(
+                    self._call("create_multipart_upload", Bucket=bucket, Key=key, **create)["UploadId"]
+                )
+                st = os.fstat(fd)
+                record = UploadRecord(
+                    self.endpoint,
+                    bucket,
+                    key,
+                    upload_id,
+                    os.path.realpath(local_path),
+                    size,
+                    st.st_mtime_ns,
+                    part_size,
+                    checksums,
+                )
+                record.save()
+            else:
+                held = sum(d.size for d, _ in reused.values())
+                self._count(reused=held)
+                on_bytes(held)
+                self._note(
+                    f"{self.location.url}: resumed an interrupted upload of {key.rsplit('/', 1)[-1]}: "
+                    f"{len(reused)} of {count} parts ({format_bytes(held)}) were already on the store"
+                )
 
-        def send(number: int) -> tuple[Digest, dict[str, Any]]:
-            offset = (number - 1) * part_size
-            data = _pread_exact(fd, offset, min(part_size, size - offset), local_path)
-            digest = digest_of(data)
-            response = self._call(
-                "upload_part",
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=data,
-                **_body_check(digest, data, checksums),
-            )
-            on_bytes(len(data))
-            part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
-            if checksums:
-                part["ChecksumCRC64NVME"] = digest.crc64nvme_b64
-            return digest, part
+            def send(number: int) -> tuple[Digest, dict[str, Any]]:
+                if number in reused:
+                    return reused[number]
+                offset = (number - 1) * part_size
+                data = _pread_exact(fd, offset, min(part_size, size - offset), local_path)
+                digest = digest_of(data)
+                response = self._call(
+                    "upload_part",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=data,
+                    **_body_check(digest, data, checksums),
+                )
+                self._count(sent=len(data))
+                on_bytes(len(data))
+                return digest, _part_entry(number, str(response["ETag"]), digest, checksums)
 
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="ckptctl-part") as pool:
-                results = list(pool.map(send, range(1, -(-size // part_size) + 1)))
-            digest = in_order(d for d, _ in results)
-            complete: dict[str, Any] = (
-                {
-                    "ChecksumCRC64NVME": digest.crc64nvme_b64,
-                    "ChecksumType": "FULL_OBJECT",
-                    "MpuObjectSize": size,
-                }
-                if checksums
-                else {}
-            )
-            response = self._call(
-                "complete_multipart_upload",
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": [p for _, p in results]},
-                **complete,
-            )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self._call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-            raise
+            try:
+                results = list(pool.map(send, range(1, count + 1)))
+                digest = in_order(d for d, _ in results)
+                complete: dict[str, Any] = (
+                    {
+                        "ChecksumCRC64NVME": digest.crc64nvme_b64,
+                        "ChecksumType": "FULL_OBJECT",
+                        "MpuObjectSize": size,
+                    }
+                    if checksums
+                    else {}
+                )
+                response = self._call(
+                    "complete_multipart_upload",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": [p for _, p in results]},
+                    **complete,
+                )
+            except BaseException:
+                self._abort(bucket, key, upload_id)
+                raise
+        UploadRecord.forget(self.endpoint, bucket, key, upload_id)
         return digest, response
+
+    def _resumable(
+        self,
+        fd: int,
+        local_path: str,
+        bucket: str,
+        key: str,
+        size: int,
+        part_size: int,
+        checksums: bool,
+        pool: ThreadPoolExecutor,
+    ) -> tuple[str | None, dict[int, tuple[Digest, dict[str, Any]]]]:
+        """The upload of ours to resume for this file and its parts already on the store (each re-read locally
+        and checked); (None, {}) when there is none. An upload of ours that does not match is aborted here."""
+        record = UploadRecord.load(self.endpoint, bucket, key)
+        if record is None:
+            return None, {}
+        st = os.fstat(fd)
+        reused: dict[int, tuple[Digest, dict[str, Any]]] | None = None
+        if record.describes(os.path.realpath(local_path), st.st_size, st.st_mtime_ns, part_size, checksums):
+            listed = self._list_parts(bucket, key, record.upload_id)
+            if listed is None:  # completed or aborted since: nothing to resume, nothing to abort
+                UploadRecord.forget(self.endpoint, bucket, key, record.upload_id)
+                return None, {}
+            checked = list(
+                pool.map(
+                    lambda part: self._check_part(fd, local_path, size, part_size, part, checksums), listed
+                )
+            )
+            if all(c is not None for c in checked):
+                reused = {
+                    int(p["PartNumber"]): c for p, c in zip(listed, checked, strict=True) if c is not None
+                }
+        if reused is None:  # the file changed, another part size or checksum mode: start over
+            self._abort(bucket, key, record.upload_id)
+            return None, {}
+        return record.upload_id, reused
+
+    def _list_parts(self, bucket: str, key: str, upload_id: str) -> list[dict[str, Any]] | None:
+        """Every part of an upload (ListParts, 1,000 a page); None when the store no longer has the upload."""
+        parts: list[dict[str, Any]] = []
+        marker: dict[str, Any] = {}
+        while True:
+            try:
+                page = self._call("list_parts", Bucket=bucket, Key=key, UploadId=upload_id, **marker)
+            except Exception as exc:
+                if _error_code(exc) in ("NoSuchUpload", "404", "NotFound") or isinstance(
+                    exc, FileNotFoundError
+                ):
+                    return None
+                raise
+            parts += page.get("Parts", []) or []
+            if not page.get("IsTruncated"):
+                return parts
+            marker = {"PartNumberMarker": page["NextPartNumberMarker"]}
+
+    def _check_part(
+        self, fd: int, local_path: str, size: int, part_size: int, part: dict[str, Any], checksums: bool
+    ) -> tuple[Digest, dict[str, Any]] | None:
+        """A listed part checked against the local bytes at its offset: its digest and Complete entry, or None
+        when its size or checksum (CRC64NVME, else CRC32C, else the ETag as MD5) says other bytes."""
+        number = int(part.get("PartNumber", 0))
+        offset = (number - 1) * part_size
+        if number < 1 or offset >= size or int(part.get("Size", -1)) != min(part_size, size - offset):
+            return None
+        data = _pread_exact(fd, offset, min(part_size, size - offset), local_path)
+        digest = digest_of(data)
+        etag = str(part.get("ETag", ""))
+        if part.get("ChecksumCRC64NVME"):
+            same = part["ChecksumCRC64NVME"] == digest.crc64nvme_b64
+        elif part.get("ChecksumCRC32C"):
+            same = part["ChecksumCRC32C"] == digest.crc32c_b64
+        else:
+            same = etag.strip('"').lower() == hashlib.md5(data, usedforsecurity=False).hexdigest()
+        return (digest, _part_entry(number, etag, digest, checksums)) if same else None
+
+    def _abort(self, bucket: str, key: str, upload_id: str) -> None:
+        with contextlib.suppress(Exception):
+            self._call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+        UploadRecord.forget(self.endpoint, bucket, key, upload_id)
+
+    def _count(self, *, sent: int = 0, reused: int = 0) -> None:
+        with self._cond:
+            self.sent_bytes += sent
+            self.reused_bytes += reused
+
+    def _note(self, text: str) -> None:
+        with self._cond:
+            self.notes.append(text)
 
     def _verify_stored(
         self, rel: str, bucket: str, key: str, digest: Digest, response: dict[str, Any]
@@ -347,10 +594,13 @@ class S3DataPath:
 
 
 def build_client(fs: Any, streams: int) -> Any:
-    """A botocore sync S3 client with the settings s3fs resolved for ``fs`` (see the module docstring)."""
+    """A botocore sync S3 client with the settings s3fs resolved for ``fs`` (see the module docstring).
+
+    Credentials: none for anonymous access; the keys given in the options (``key``/``secret``/``token``, or
+    ``client_kwargs.aws_*``) as they are; otherwise the botocore session's resolver for the profile (the same
+    chain s3fs's aiobotocore session walks), whose refreshable credentials the client renews on its own."""
     from botocore import UNSIGNED
     from botocore.config import Config
-    from fsspec.asyn import sync
 
     aio = fs.connect()
     config_kwargs = {k: v for k, v in fs._prepare_config_kwargs().items() if k in _CONFIG_KEYS}
@@ -369,23 +619,33 @@ def build_client(fs: Any, streams: int) -> Any:
     if fs.anon:
         config_kwargs["signature_version"] = UNSIGNED
     else:
-        credentials = aio._request_signer._credentials  # what s3fs resolved (env, profile, keys, role)
-        if credentials is not None:
-            frozen = sync(fs.loop, credentials.get_frozen_credentials)
-            client_kwargs.update(
-                aws_access_key_id=frozen.access_key,
-                aws_secret_access_key=frozen.secret_key,
-                aws_session_token=frozen.token,
-            )
-    return _session(fs.kwargs.get("profile")).create_client(
+        client_kwargs.update(_explicit_keys(fs))
+    return _session(fs.kwargs.get("profile"), _aws_environment()).create_client(
         "s3", config=Config(**config_kwargs), **client_kwargs
     )
 
 
+def _explicit_keys(fs: Any) -> dict[str, str]:
+    """The keys given in the options, as s3fs passes them (its own ``key``/``secret``/``token`` win over
+    ``client_kwargs``); {} when the credential chain is to find them."""
+    given = {
+        "aws_access_key_id": fs.key or fs.client_kwargs.get("aws_access_key_id"),
+        "aws_secret_access_key": fs.secret or fs.client_kwargs.get("aws_secret_access_key"),
+        "aws_session_token": fs.token or fs.client_kwargs.get("aws_session_token"),
+    }
+    return {name: str(value) for name, value in given.items() if value}
+
+
+def _aws_environment() -> tuple[tuple[str, str], ...]:
+    """The ``AWS_*`` variables, which decide what a session's credential chain finds."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+
+
 @functools.lru_cache(maxsize=8)
-def _session(profile: str | None) -> Any:
-    """One botocore session per profile and process: a client built from it reuses the loaded S3 model (a new
-    session parses it again, ~0.2 CPU s)."""
+def _session(profile: str | None, environment: tuple[tuple[str, str], ...]) -> Any:
+    """One botocore session per profile and environment in a process: its clients share the loaded S3 model (a
+    new session parses it again, ~0.2 CPU s) and one refreshable credentials object (one refresh, not one per
+    client); ``environment`` only keys the cache (a changed ``AWS_*`` variable gets a new session)."""
     import botocore.session
 
     return botocore.session.Session(profile=profile)
@@ -400,6 +660,18 @@ def _body_check(digest: Digest, data: bytes, checksums: bool) -> dict[str, str]:
     if checksums:
         return {"ChecksumAlgorithm": "CRC64NVME", "ChecksumCRC64NVME": digest.crc64nvme_b64}
     return {"ContentMD5": md5_b64(data)}
+
+
+def _part_entry(number: int, etag: str, digest: Digest, checksums: bool) -> dict[str, Any]:
+    """A part as CompleteMultipartUpload lists it."""
+    part: dict[str, Any] = {"PartNumber": number, "ETag": etag}
+    if checksums:
+        part["ChecksumCRC64NVME"] = digest.crc64nvme_b64
+    return part
+
+
+def _error_code(exc: BaseException) -> str:
+    return str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
 
 
 def _rejects_checksums(exc: BaseException) -> bool:

@@ -6,8 +6,8 @@ GCS print for the whole object whatever the part size, computed from the one buf
 for parts of a recorded size) are still checked by that MD5 when they are pulled.
 
 S3: bulk bytes go through ``storage.s3_data`` (botocore sync clients on threads: a PutObject or a FULL_OBJECT
-CRC64NVME multipart upload, ranged GETs written with ``pwrite``); the store's level of checksum support is learnt on
-the first file. Other stores are written by one stream through ``fs.open`` (GCS: resumable upload in 64 MiB
+CRC64NVME multipart upload, resumed after a killed push, ranged GETs written with ``pwrite``); the store's level of
+checksum support is learnt on the first file. Other stores are written by one stream through ``fs.open`` (GCS: resumable upload in 64 MiB
 chunks, visible only when finalised), local folders through a temporary name and a rename, and read by one
 streaming GET.
 """
@@ -215,15 +215,22 @@ class PendingUpload:
     initiated: float | None
 
 
+def _upload_prefix(location: Location, rel_prefix: str) -> tuple[str, str]:
+    """Bucket and key prefix of ``rel_prefix`` (a folder when it ends with ``/``, or is the whole location)."""
+    fs: Any = location.fs
+    bucket, key, _ = fs.split_path(location.full_path(rel_prefix))
+    if not rel_prefix or rel_prefix.endswith("/"):
+        key = f"{key.rstrip('/')}/" if key else ""
+    return bucket, key
+
+
 def pending_uploads(location: Location, rel_prefix: str = "") -> list[PendingUpload]:
     """Multipart uploads under ``rel_prefix`` (a folder when it ends with ``/``; ``""``: the whole location),
     one ListMultipartUploads request per 1,000. Only S3 keeps such uploads across processes: [] elsewhere."""
     if not is_s3(location):
         return []
     fs: Any = location.fs
-    bucket, key, _ = fs.split_path(location.full_path(rel_prefix))
-    if not rel_prefix or rel_prefix.endswith("/"):
-        key = f"{key.rstrip('/')}/" if key else ""
+    bucket, key = _upload_prefix(location, rel_prefix)
     base = fs.split_path(location.full_path())[1].rstrip("/")
     found: list[PendingUpload] = []
     markers: dict[str, str] = {}
@@ -250,21 +257,30 @@ def pending_uploads(location: Location, rel_prefix: str = "") -> list[PendingUpl
 
 
 def abort_stale_uploads(location: Location, rel_prefix: str) -> int:
-    """Abort multipart uploads left under ``rel_prefix`` by an interrupted push (they bill until aborted)."""
-    stale = pending_uploads(location, rel_prefix)
-    if not stale:
+    """Abort multipart uploads left under ``rel_prefix`` by an interrupted push (they bill until aborted).
+
+    Spared: an upload this tool started for a local file that has not changed since (``s3_data.resumable``):
+    the upload of that file that follows checks its parts against the local bytes and resumes it, or aborts it.
+    Any other upload (a file changed since, one nobody recorded, someone else's) is aborted as before."""
+    if not is_s3(location):
         return 0
+    from ckptctl.storage.s3_data import UploadRecord, resumable, store_endpoint
+
+    stale = pending_uploads(location, rel_prefix)
     fs: Any = location.fs
-    bucket = fs.split_path(location.full_path())[0]
+    bucket, prefix = _upload_prefix(location, rel_prefix)
+    aborted = 0
     with location.errors(rel_prefix):
+        endpoint = store_endpoint(fs)
+        UploadRecord.sweep(endpoint, bucket, prefix, {u.upload_id for u in stale})
         for upload in stale:
-            fs.call_s3(
-                "abort_multipart_upload",
-                Bucket=bucket,
-                Key=location.fs.split_path(location.full_path(upload.rel))[1],
-                UploadId=upload.upload_id,
-            )
-    return len(stale)
+            key = fs.split_path(location.full_path(upload.rel))[1]
+            if resumable(endpoint, bucket, key, upload.upload_id):
+                continue
+            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id)
+            UploadRecord.forget(endpoint, bucket, key, upload.upload_id)
+            aborted += 1
+    return aborted
 
 
 def download(
