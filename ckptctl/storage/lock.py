@@ -1,8 +1,11 @@
 """One advisory lock per run, so two prunes (two cron jobs, a cron job and a person) never race.
 
-Local disks: ``flock`` on ``<run>/.ckptctl.lock`` (released by the kernel if the process dies; the file is
-removed on release). Object stores: a lease object created only if absent (S3 ``If-None-Match: *``, GCS
-``ifGenerationMatch=0``) holding an expiry; an expired lease (its holder died) is taken over.
+Local disks: ``flock`` on ``<run>/.ckptctl.lock`` (released by the kernel if the process dies, so it never
+needs renewing; the file is removed on release). Object stores: a lease object created only if absent (S3
+``If-None-Match: *``, GCS ``ifGenerationMatch=0``) holding the holder's token and an expiry; an expired lease
+(its holder died) is taken over. While the block runs, a thread renews the lease every third of its length, so
+a push of many terabytes that outlasts the lease keeps it; a holder that finds another's token in the object
+(it stalled past its expiry and was taken over) stops at its next ``Lease.check()``.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import json
 import os
 import socket
 import stat
+import threading
 import time
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 from ckptctl.errors import LockedError, UnsafeTargetError
 from ckptctl.storage.atomic import FILE_MODE
@@ -28,15 +34,41 @@ _LOCK_FLAGS = (
 _ACQUIRE_ATTEMPTS = 20
 
 
+class Lease:
+    """The run's lock, held. ``check()`` raises LockedError once the lock was lost, so long work stops at its
+    next safe point instead of going on unprotected; a local ``flock`` is never lost."""
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+        self._lost: str | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self._lost is not None
+
+    def check(self) -> None:
+        if self._lost is not None:
+            raise LockedError(
+                f"{self.location.url}: {self._lost}; stopped so that two ckptctl processes never work on it at once",
+                url=self.location.url,
+                hint="re-run when the other process is done; what was finished is kept",
+            )
+
+    def _lose(self, why: str) -> None:
+        self._lost = why
+
+
 @contextlib.contextmanager
-def run_lock(location: Location, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> Iterator[None]:
-    """Hold the run's lock for the block; raises LockedError at once when another process holds it."""
+def run_lock(location: Location, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> Iterator[Lease]:
+    """Hold the run's lock for the block; raises LockedError at once when another process holds it. On an
+    object store the lease is renewed while the block runs (one small read and write per third of
+    ``lease_seconds``)."""
     if location.is_local:
         with _local_lock(location):
-            yield
+            yield Lease(location)
         return
-    with _lease(location, lease_seconds):
-        yield
+    with _lease(location, lease_seconds) as lease:
+        yield lease
 
 
 @contextlib.contextmanager
@@ -126,35 +158,90 @@ def _unsafe_lock(location: Location, path: str, what: str) -> UnsafeTargetError:
 
 
 @contextlib.contextmanager
-def _lease(location: Location, lease_seconds: float) -> Iterator[None]:
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + lease_seconds}
-    data = json.dumps(holder).encode()
+def _lease(location: Location, lease_seconds: float) -> Iterator[Lease]:
+    token = uuid.uuid4().hex
     path = location.full_path(LOCK_NAME)
     for _ in range(2):
         try:
             with location.errors(LOCK_NAME):
-                location.fs.pipe_file(path, data, mode="create")
+                location.fs.pipe_file(path, _lease_bytes(token, lease_seconds), mode="create")
             break
         except FileExistsError:
-            if not _expired(location):
+            seen = _read_lease(location)
+            if seen is None or not _is_expired(seen):
                 raise LockedError(
                     f"{location.url} is locked by another ckptctl process (lease object {LOCK_NAME})",
                     url=location.url,
                     hint=f"if no ckptctl is running, the lease expires by itself; or delete {location.url_of(LOCK_NAME)}",
                 ) from None
+            if _read_lease(location) != seen:  # renewed (or taken) since we read it: not ours to remove
+                raise LockedError(
+                    f"{location.url} is locked by another ckptctl process", url=location.url
+                ) from None
             location.delete_files([LOCK_NAME])
     else:  # pragma: no cover - a third process took the expired lease between our two attempts
         raise LockedError(f"{location.url} is locked by another ckptctl process", url=location.url)
+    lease = Lease(location)
+    stop = threading.Event()
+    renewer = threading.Thread(
+        target=_renew, args=(location, token, lease_seconds, stop, lease), name="ckptctl-lease", daemon=True
+    )
+    renewer.start()
     try:
-        yield
+        yield lease
     finally:
+        stop.set()
+        renewer.join(timeout=30)
         with contextlib.suppress(Exception):
-            location.delete_files([LOCK_NAME])
+            held = _read_lease(location)
+            if held is not None and held.get("token") == token:  # never remove a lease another took over
+                location.delete_files([LOCK_NAME])
 
 
-def _expired(location: Location) -> bool:
+def _lease_bytes(token: str, lease_seconds: float) -> bytes:
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "token": token,
+        "expires": time.time() + lease_seconds,
+    }
+    return json.dumps(holder).encode()
+
+
+def _renew(location: Location, token: str, lease_seconds: float, stop: threading.Event, lease: Lease) -> None:
+    """Rewrite the lease with a new expiry every third of its length while it is still ours. A failed renewal
+    (the store briefly unreachable) is retried at the next tick; once our expiry has passed unrenewed, or the
+    object holds another token, the lease is lost."""
+    path = location.full_path(LOCK_NAME)
+    expires = time.time() + lease_seconds
+    while not stop.wait(lease_seconds / 3):
+        try:
+            held = _read_lease(location)
+            if held is None or held.get("token") != token:
+                lease._lose(
+                    "another ckptctl process took over its lease (this one stalled past the lease's expiry)"
+                )
+                return
+            location.fs.pipe_file(path, _lease_bytes(token, lease_seconds))
+            expires = time.time() + lease_seconds
+        except Exception:  # transient store errors: try again at the next tick
+            if time.time() > expires:
+                lease._lose("its lease expired while the store could not be reached to renew it")
+                return
+
+
+def _read_lease(location: Location) -> dict[str, Any] | None:
+    """The lease object's content, or None when it is missing or not a lease (never an error: a garbled
+    lease is not ours and not expired)."""
     try:
-        lease = json.loads(location.read_bytes(LOCK_NAME))
+        value = json.loads(location.read_bytes(LOCK_NAME))
+    except Exception:  # unreadable or not JSON
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _is_expired(lease: dict[str, Any]) -> bool:
+    try:
         return float(lease["expires"]) < time.time()
-    except Exception:
+    except (KeyError, TypeError, ValueError):
         return False
