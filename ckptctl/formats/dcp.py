@@ -94,7 +94,7 @@ def _tensor_entry(name: str, entry: Any) -> tuple[str, str, tuple[int, ...], lis
     return name, _dtype(entry.get("properties")), size, chunks
 
 
-def _chunk_defects(
+def chunk_defects(
     name: str, size: tuple[int, ...], chunks: list[Box], *, exhaustive: bool = False
 ) -> list[str]:
     """The chunks of a tensor must lie inside it and tile it: volumes add up and no two overlap (checked pair
@@ -218,7 +218,7 @@ def inspect_dcp(location: Location, entries: Sequence[FileEntry], *, verify: boo
             continue
         name, dtype, size, chunks = parsed
         chunk_counts[name] = len(chunks)
-        defects += [Defect(METADATA, p) for p in _chunk_defects(name, size, chunks)]
+        defects += [Defect(METADATA, p) for p in chunk_defects(name, size, chunks)]
         tensors.append(TensorInfo(name, dtype, size, nbytes_of(dtype, size), _role(name)))
     needed = _needed_sizes(storage.values(), location.url_of(METADATA))
     defects += _file_defects(files, needed, METADATA)
@@ -456,7 +456,7 @@ def read_dcp_checkpoint(location: Location) -> DcpCheckpoint:
         raise error(f"{location.url_of(defects[0].file)}: {defects[0].message}", url=location.url)
     tensors = []
     for name, (dtype, size, _) in shapes.items():
-        problems = _chunk_defects(name, size, list(chunks[name]), exhaustive=True)
+        problems = chunk_defects(name, size, list(chunks[name]), exhaustive=True)
         if problems:
             merged = (
                 " (per-rank metadata merged: a rank's __R.metadata may be missing)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ckptctl.errors import NotFoundError
 from ckptctl.formats.dcp import find_dcp_folder, plan_dcp
+from ckptctl.formats.dcp_hf import find_dcp_hf_folder, plan_dcp_hf, refuse_rank_piece
 from ckptctl.formats.deepspeed import looks_like_deepspeed, plan_zero
 from ckptctl.formats.tensor_layout import TensorPlan, TensorSource
 from ckptctl.formats.torch_state import STATE_DICT_FILES, open_weights, plan_state_dict
@@ -21,11 +22,15 @@ def plan_source(location: Location, *, tag: str | None = None, exclude_frozen: b
     or sharded ``pytorch_model*.bin`` / ``model*.safetensors``), else a DeepSpeed ZeRO save (``tag`` picks one
     of its tags)."""
     if location.stat().type == "file":
+        refuse_rank_piece(location)
         return _state_dict_plan(location)
     entries = location.walk()
     folder = find_dcp_folder(entries, tag)
     if folder is not None:
         return plan_dcp(location, folder)
+    hf_folder = find_dcp_hf_folder(entries, tag)  # before the index beside sharded/ is read unchecked
+    if hf_folder is not None:
+        return plan_dcp_hf(location, hf_folder)
     top = {e.path for e in entries if e.type == "file" and "/" not in e.path}
     if tag is None and not looks_like_deepspeed(entries):
         if top & set(STATE_DICT_FILES):
@@ -51,6 +56,10 @@ def open_state_dict(location: Location) -> tuple[dict[str, TensorSource], str]:
     """Every tensor of SRC by its name as stored (a file; a folder of HF sharded or single weights; a DeepSpeed
     save; a DCP folder; an HF ``checkpoint-N`` holding one), and a description of what was opened. Unlike
     ``plan_source`` nothing is left out or renamed: extract-lora maps names itself."""
+    if location.stat().type == "file":
+        refuse_rank_piece(location)  # before open_weights: one rank's piece looks whole
+    elif (hf_folder := find_dcp_hf_folder(location.walk(), None)) is not None:  # so does its index
+        return {t.name: t for t in plan_dcp_hf(location, hf_folder).tensors}, location.url_of(hf_folder)
     opened = open_weights(location)
     if opened is not None:
         return opened

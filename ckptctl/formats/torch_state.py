@@ -63,7 +63,7 @@ STATE_DICT_FILES = (
 )
 
 
-def _refuse_defects(location: Location, rel: str, defects: list[Defect] | tuple[Defect, ...]) -> None:
+def refuse_defects(location: Location, rel: str, defects: list[Defect] | tuple[Defect, ...]) -> None:
     """A file whose own structure proves it cut or damaged is refused whole, even when the tensors wanted lie
     outside the damage: a conversion never turns a corrupt checkpoint into a clean-looking output."""
     if not defects:
@@ -80,7 +80,7 @@ def _refuse_defects(location: Location, rel: str, defects: list[Defect] | tuple[
 
 def _safetensors(location: Location, rel: str, size: int) -> dict[str, TensorSource]:
     header = read_safetensors_header(FileSource(location, rel, size))
-    _refuse_defects(location, rel, header.defects)
+    refuse_defects(location, rel, header.defects)
     return {
         t.name: TensorSource(location, t.name, t.dtype, t.shape, (Range(rel, *header.spans[t.name]),))
         for t in header.tensors
@@ -89,7 +89,7 @@ def _safetensors(location: Location, rel: str, size: int) -> dict[str, TensorSou
 
 def _torch(location: Location, rel: str, size: int) -> dict[str, TensorSource]:
     archive: TorchArchive = read_torch_archive(FileSource(location, rel, size))
-    _refuse_defects(location, rel, archive.check_members())
+    refuse_defects(location, rel, archive.check_members())
     found: dict[str, TensorSource] = {}
     for record in archive.tensors:
         if not is_contiguous(record.shape, record.stride):
