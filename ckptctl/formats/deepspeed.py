@@ -12,7 +12,7 @@ import math
 import posixpath
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ckptctl.errors import IntegrityError, NotFoundError, RefusedError
@@ -24,6 +24,8 @@ from ckptctl.formats.torch_zip import TensorRecord, TorchArchive, read_torch_arc
 from ckptctl.storage.location import POINTER_FILE_LIMIT, FileEntry, Location
 
 MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<mp>\d+)_model_states\.pt$")
+LIGHTNING_WRAPPER = "_forward_module."
+"""The prefix Lightning < 2.1's DeepSpeed strategy gave every name (its module wrapper); its converter strips it."""
 OPTIM_STATES = re.compile(r"^(?P<bf16>bf16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
 
 
@@ -104,6 +106,12 @@ def require_tag(location: Location, entries: Sequence[FileEntry], tag: str | Non
         url=location.url,
         hint="pass --tag",
     )
+
+
+def _is_universal(rels: set[str]) -> bool:
+    from ckptctl.formats.deepspeed_universal import is_universal_folder
+
+    return is_universal_folder(rels)
 
 
 def _is_zero3_model(name: str) -> bool:
@@ -254,7 +262,10 @@ def inspect_deepspeed(
         module = {}
     refs: dict[str, TensorRef] = {str(k): v for k, v in module.items() if isinstance(v, TensorRef)}
     stage = _zero_stage(states, tag)
-    dp, mp, implausible = world_sizes(states, stage, len(tag.files))
+    lead = f"{tag.tag_dir}/" if tag.tag_dir else ""
+    # ds_to_universal keeps only the model states beside zero/<param>/fp32.pt: no optimizer rank files.
+    universal = _is_universal({e.path[len(lead) :] for e in entries if e.path.startswith(lead)})
+    dp, mp, implausible = world_sizes(states, None if universal and stage != 3 else stage, len(tag.files))
     config = states.get("ds_config")
     notes: list[str] = []
 
@@ -303,6 +314,9 @@ def inspect_deepspeed(
         expected = []
     else:
         expected = expected_rank_files(stage, dp, mp, bf16_prefix)
+        if universal:
+            expected = [n for n in expected if MODEL_STATES.match(n)]
+            notes.append("a DeepSpeed universal checkpoint (ds_to_universal): one fp32.pt per parameter")
     missing = [n for n in expected if n not in tag.files]
     defects += [Defect(rel(n), "rank file missing") for n in missing]
     defects += [
@@ -348,6 +362,7 @@ def inspect_deepspeed(
             "ds_version": states.get("ds_version"),
             "tag": tag.tag_dir or posixpath.basename(location.root.rstrip("/")),
             "latest": tag.latest,
+            "universal": universal,
             "global_steps": states.get("global_steps"),
             "global_samples": states.get("global_samples"),
             "training_dtype": _training_dtype(config),
@@ -414,6 +429,11 @@ def plan_zero(location: Location, *, tag: str | None = None, exclude_frozen: boo
             f"{location.url_of(tag_rel)} is not a DeepSpeed checkpoint tag (no *_model_states.pt)"
         )
     if not optim:
+        # A universal folder keeps only the model states beside zero/<param>/fp32.pt (extract-lora's path here).
+        from ckptctl.formats.deepspeed_universal import is_universal_folder, plan_universal
+
+        if is_universal_folder({e.path[len(prefix) :] for e in location.walk() if e.path.startswith(prefix)}):
+            return plan_universal(location, tag_rel)
         raise IntegrityError(f"{location.url_of(tag_rel)}: no ZeRO optimizer files (*_optim_states.pt)")
     model0 = _archive(location, prefix + models[0], sizes)
     state = model0.obj if isinstance(model0.obj, dict) else {}
@@ -472,40 +492,17 @@ def plan_zero(location: Location, *, tag: str | None = None, exclude_frozen: boo
         world_size=world,
         default_dtype="float32",
     )
-    module = state.get("module") or {}
-    model_records = _records(model0)
-    # 1. persistent buffers, full tensors in the model states
-    for name in state.get("buffer_names") or []:
-        record = model_records.get(("module", name))
-        if record is None:
-            continue
-        plan.tensors.append(
-            TensorSource(
-                location, name, record.dtype, record.shape, (_range(model0, record, 0, record.numel),)
-            )
-        )
-    # 2. frozen parameters
-    frozen_shapes = state.get("frozen_param_shapes")
-    if frozen_shapes is None:
-        trainable = {n for g in param_shapes for n in g}
-        known = trainable | set(state.get("buffer_names") or []) | set(state.get("shared_params") or {})
-        dropped = [n for n in module if n not in known]
-        if dropped and not exclude_frozen:
-            plan.warnings.append(
-                f"this checkpoint does not store frozen parameters (ZeRO stage 1, or saved with "
-                f"exclude_frozen_parameters): {len(dropped)} are not in the output ({', '.join(dropped[:3])}...)"
-            )
-    elif not exclude_frozen:
-        plan.tensors += _frozen(
-            location,
-            prefix,
-            here,
-            sizes,
-            model0,
-            {k: _shape(v) for k, v in frozen_shapes.items()},
-            world,
-            stage3,
-        )
+    plan.tensors += model_state_tensors(
+        location,
+        prefix,
+        here,
+        sizes,
+        model0,
+        world,
+        stage3,
+        exclude_frozen=exclude_frozen,
+        warnings=plan.warnings,
+    )
     # 3. trainable parameters from the fp32 masters
     if stage3:
         plan.tensors += _stage3(location, optims, param_shapes, world)
@@ -516,7 +513,97 @@ def plan_zero(location: Location, *, tag: str | None = None, exclude_frozen: boo
     zero = config.get("zero_optimization") if isinstance(config, dict) else None
     if isinstance(zero, dict) and isinstance(zero.get("stage"), int):
         plan.stage = zero["stage"]
+    if is_lightning_save(state):
+        lightning_names(plan)
+        plan.tag = posixpath.join(posixpath.basename(location.root.rstrip("/")), tag_rel)
     return plan
+
+
+def is_lightning_save(states: dict[str, Any]) -> bool:
+    """Lightning's DeepSpeed strategy saves ``epoch=E-step=S.ckpt/`` as a DeepSpeed save dir (``latest`` ->
+    tag ``checkpoint``) and puts its own client state (``pytorch-lightning_version``, ``loops``...) beside
+    DeepSpeed's keys in rank 0's model states: that key, not the folder's name, says it is Lightning's."""
+    return "pytorch-lightning_version" in states
+
+
+def lightning_names(plan: TensorPlan) -> None:
+    """Names as Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` writes them: ``_forward_module.``
+    removed where a key starts with it (Lightning < 2.1 wrapped the module; 2.1+ saves ``model.``... names,
+    left as they are). Aliases are renamed the same way, both sides."""
+
+    def strip(name: str) -> str:
+        return name.removeprefix(LIGHTNING_WRAPPER)
+
+    plan.tensors = [replace(t, name=strip(t.name)) for t in plan.tensors]
+    plan.aliases = {strip(k): strip(v) for k, v in plan.aliases.items()}
+
+
+def model_state_tensors(
+    location: Location,
+    prefix: str,
+    here: list[str],
+    sizes: dict[str, int],
+    model0: TorchArchive,
+    world: int,
+    stage3: bool,
+    *,
+    exclude_frozen: bool,
+    warnings: list[str],
+) -> list[TensorSource]:
+    """The tensors rank 0's model states hold in full, in ``zero_to_fp32``'s order: persistent buffers, then the
+    frozen parameters (``frozen_param_fragments``; at stage 1 and under BF16_Optimizer DeepSpeed saves none,
+    and the frozen parameters are taken from ``module``, where they are stored in the training dtype: frozen
+    parameters never change, so those values are exact — ``zero_to_fp32`` leaves them out). A universal
+    checkpoint keeps these files as they were, so it reads them here too."""
+    state = model0.obj if isinstance(model0.obj, dict) else {}
+    module = state.get("module") or {}
+    model_records = _records(model0)
+    out = []
+    buffer_names = [str(n) for n in state.get("buffer_names") or []]
+    for name in buffer_names:
+        record = model_records.get(("module", name))
+        if record is not None:
+            out.append(
+                TensorSource(
+                    location, name, record.dtype, record.shape, (_range(model0, record, 0, record.numel),)
+                )
+            )
+    frozen_shapes = state.get("frozen_param_shapes")
+    if frozen_shapes is not None:
+        if not exclude_frozen:
+            out += _frozen(
+                location,
+                prefix,
+                here,
+                sizes,
+                model0,
+                {k: _shape(v) for k, v in frozen_shapes.items()},
+                world,
+                stage3,
+            )
+        return out
+    trainable = {str(n) for g in state.get("param_shapes") or [] for n in g}
+    known = trainable | set(buffer_names) | {str(n) for n in state.get("shared_params") or {}}
+    frozen = [str(n) for n in module if str(n) not in known and ("module", n) in model_records]
+    if not frozen or exclude_frozen or stage3:
+        # ZeRO-3 modules hold (0,)-shaped placeholders, never values.
+        return out
+    for name in frozen:
+        record = model_records[("module", name)]
+        out.append(
+            TensorSource(
+                location, name, record.dtype, record.shape, (_range(model0, record, 0, record.numel),)
+            )
+        )
+    listed = ", ".join(frozen[:3]) + (f" and {len(frozen) - 3} more" if len(frozen) > 3 else "")
+    warnings.append(
+        f"this checkpoint does not store frozen parameters in its ZeRO state (ZeRO stage 1 or BF16_Optimizer): "
+        f"{len(frozen)} ({listed}) were written from the module weights of {model0.source.name}, stored in "
+        f"the training dtype ({model_records[('module', frozen[0])].dtype}) and written as fp32 like the rest "
+        "(an exact widening) unless another dtype is asked for; they are exact (frozen parameters never "
+        "change), and DeepSpeed's zero_to_fp32 leaves them out"
+    )
+    return out
 
 
 def _frozen(

@@ -31,6 +31,11 @@ def plan_source(location: Location, *, tag: str | None = None, exclude_frozen: b
     hf_folder = find_dcp_hf_folder(entries, tag)  # before the index beside sharded/ is read unchecked
     if hf_folder is not None:
         return plan_dcp_hf(location, hf_folder)
+    from ckptctl.formats.deepspeed_universal import find_universal, plan_universal
+
+    universal = find_universal(location, entries, tag)  # before plan_zero: it has model states too
+    if universal is not None:
+        return plan_universal(location, universal)
     top = {e.path for e in entries if e.type == "file" and "/" not in e.path}
     if tag is None and not looks_like_deepspeed(entries):
         if top & set(STATE_DICT_FILES):
