@@ -204,7 +204,7 @@ def _one_run(
     try:
         if dry_run:
             return RunOutcome(rel, "planned", rules, plan_run(run, rules, settings))
-        with run_lock(run):
+        with run_lock(run) as lease:
             plan = plan_run(run, rules, settings)
             if not plan.to_delete and not plan.resume:
                 return RunOutcome(rel, "nothing-to-delete", rules, plan)
@@ -213,6 +213,7 @@ def _one_run(
                 if on_event is not None:
                     on_event(kind, rel, unit, detail)
 
+            lease.check()
             done = execute(plan, run, settle_seconds=settle_seconds(rules), on_event=emit)
     except CkptctlError as exc:
         return RunOutcome(rel, "failed", rules, error=exc)

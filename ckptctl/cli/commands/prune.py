@@ -255,7 +255,7 @@ def prune(
         _show_plan(out, plan)
         _summary(out, plan, None, dry_run=True)
         return
-    with run_lock(location):
+    with run_lock(location) as lease:
         plan = make_plan()
         _show_plan(out, plan)
         count = len(plan.to_delete) + len(plan.resume)
@@ -274,6 +274,7 @@ def prune(
             elif kind in ("skipped", "error"):
                 out.warn(f"{kind} {unit.path}: {detail}")
 
+        lease.check()  # a prompt may have outlasted the lease: never delete without it
         result = execute(plan, location, settle_seconds=settle_for, on_event=on_event)
         _summary(out, plan, result, dry_run=False)
         if result.failed:
