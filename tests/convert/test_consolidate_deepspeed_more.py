@@ -13,7 +13,8 @@ import pytest
 
 from tests.cli.test_without_torch import run_without_torch
 from tests.conftest import run_cli
-from tests.convert.test_consolidate import assert_one_line, read_output
+from tests.convert.test_consolidate import read_output
+from tests.convert.test_consolidate_dcp import _convert_fails
 
 OURS = Path(__file__).resolve().parents[1] / "fixtures" / "deepspeed"
 LIGHTNING_FOLDER = "epoch=0-step=3.ckpt"
@@ -87,13 +88,6 @@ def _copy(tmp_path: Path, case: str) -> Path:
     src = tmp_path / "ckpt"
     shutil.copytree(OURS / case / "checkpoint", src)
     return src
-
-
-def _convert_fails(tmp_path: Path, src: Path, code: int, text: str) -> None:
-    out = tmp_path / "out" / "m.safetensors"
-    out.parent.mkdir(exist_ok=True)
-    assert_one_line(run_cli("consolidate", str(src), str(out)), code, text)
-    assert list(out.parent.iterdir()) == []
 
 
 def test_universal_missing_parameter_folder_is_named(tmp_path: Path) -> None:
