@@ -18,6 +18,7 @@ import posixpath
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -28,6 +29,7 @@ from ckptctl.retention.plan import COMPLETION_MARKERS, PrunePlan, PruneResult, e
 from ckptctl.retention.policy import Decision, Policy
 from ckptctl.storage.checksums import Digest
 from ckptctl.storage.location import Location, refuse_overlap
+from ckptctl.storage.lock import Lease
 from ckptctl.storage.s3_data import S3DataPath
 from ckptctl.storage.transfer import (
     DEFAULT_PART_SIZE,
@@ -69,6 +71,8 @@ class PushOptions:
     free_policy: Policy | None = None
     metric_file: Location | None = None
     dry_run: bool = False
+    confirm_free: Callable[[PrunePlan], bool] | None = None
+    """Asked before local copies are freed (the CLI asks at a terminal, as prune does); False keeps them."""
 
 
 PushAction = Literal["uploaded", "already", "would-upload", "failed"]
@@ -149,9 +153,13 @@ def push(
     *,
     on_event: EventSink | None = None,
     on_bytes: Callable[[str, int], None] | None = None,
+    lease: Lease | None = None,
 ) -> PushResult:
-    """Tier a local run to ``remote``. The caller holds the local run lock (``storage.lock.run_lock``)."""
+    """Tier a local run to ``remote``. The caller holds the local run lock and, except for a dry run, the remote
+    one (``push_locks``); ``lease`` (the remote one) is checked before each upload, manifest, pointer and
+    freeing, so a push that lost its lease stops there (LockedError) instead of writing unprotected."""
     emit = on_event or (lambda *a, **k: None)
+    guard = lease.check if lease is not None else (lambda: None)
     check_target(local, remote)
     remote.require_bucket()
     scan = scan_run(local, settle_seconds=options.settle_seconds)
@@ -167,10 +175,11 @@ def push(
             result.outcomes.append(UnitOutcome(unit, "would-upload", unit.total_bytes))
             emit("would-upload", unit=unit)
             continue
+        guard()
         started = time.monotonic()
         emit("start", unit=unit)
         try:
-            sent, aborted = _push_unit(local, remote, view, unit, options, on_bytes, data_path)
+            sent, aborted = _push_unit(local, remote, view, unit, options, on_bytes, data_path, guard)
             result.aborted_uploads += aborted
         except (CkptctlError, OSError) as exc:
             detail = exc.message if isinstance(exc, CkptctlError) else f"{type(exc).__name__}: {exc}"
@@ -189,12 +198,45 @@ def push(
     # A pointer may name a checkpoint an earlier push tiered, outside this run's --steps/--min-age.
     named = (scan.unit(p.target) for p in scan.pointers)
     tiered |= {u.path for u in named if u is not None and _already_tiered(view, u)}
+    if not options.dry_run:
+        guard()
     result.pointers = push_pointers(local, remote, scan, tiered, dry_run=options.dry_run)
     for copy in result.pointers:
         emit("pointer", unit=scan.unit(copy.target), detail=copy.source)
     if options.free_policy is not None:
+        if not options.dry_run:
+            guard()
         _free_local(local, remote, options, result, emit)
     return result
+
+
+def push_locks(local: Location, remote: Location, *, lease_seconds: float | None = None) -> ExitStack:
+    """The locks a push holds, entered in this order: the local run's (no prune frees what is being read),
+    then the remote run's (two pushes to one remote, from two machines, never interleave uploads, manifest
+    writes and deletes; a prune of the remote waits too). Enter the returned stack; its ``lease`` attribute
+    is the remote lease to pass to ``push``. A local remote folder is created first (its lock lives in it)."""
+    from ckptctl.storage.lock import DEFAULT_LEASE_SECONDS, run_lock
+
+    stack = ExitStack()
+    seconds = lease_seconds or DEFAULT_LEASE_SECONDS
+    try:
+        stack.enter_context(run_lock(local, lease_seconds=seconds))
+        if remote.is_local:
+            with remote.errors():
+                os.makedirs(remote.full_path(), exist_ok=True)
+        else:
+            remote.require_bucket()
+        stack.lease = stack.enter_context(run_lock(remote, lease_seconds=seconds))  # type: ignore[attr-defined]
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+def _kept(decision: Decision) -> Decision:
+    if decision.action != "delete":
+        return decision
+    return Decision(decision.unit, "keep", ("freeing not confirmed",))
 
 
 def check_target(local: Location, remote: Location) -> None:
@@ -216,6 +258,7 @@ def _fatal(exc: CkptctlError) -> bool:
         "no_such_bucket",
         "permission_denied",
         "no_space",
+        "locked",  # the remote lease was lost: another ckptctl owns the remote run now
     )
 
 
@@ -227,8 +270,10 @@ def _push_unit(
     options: PushOptions,
     on_bytes: Callable[[str, int], None] | None,
     data_path: S3DataPath | None,
+    guard: Callable[[], None] = lambda: None,
 ) -> tuple[int, int]:
-    """Upload, verify and commit one unit; returns (bytes sent, stale multipart uploads aborted)."""
+    """Upload, verify and commit one unit; returns (bytes sent, stale multipart uploads aborted). ``guard``
+    (the lease check) runs before each batch of files and right before the manifest is written."""
     aborted = abort_stale_uploads(remote, unit.path + "/" if unit.kind == "dir" else unit.path)
     previous = view.manifests.get(unit.path)
     if previous is not None:
@@ -244,6 +289,7 @@ def _push_unit(
     done: dict[str, Uploaded] = {}
     sent = 0
     for batch in (data, markers):
+        guard()
         for item in _transfer_batch(
             local, remote, view, [f.path for f in batch], options, progress, data_path
         ):
@@ -283,6 +329,7 @@ def _push_unit(
         )
     # Never write a manifest that pull and status would refuse (a local name they cannot take, say).
     Manifest.decode(encoded, name=remote.url_of(rel))
+    guard()
     remote.write_bytes(rel, encoded)
     return sent, aborted
 
@@ -432,6 +479,10 @@ def _free_local(
     plan = replace(plan, decisions=tuple(decisions), resume=())
     result.free_plan = plan
     if options.dry_run or not plan.to_delete:
+        return
+    if options.confirm_free is not None and not options.confirm_free(plan):
+        result.notes.append(f"kept {len(plan.to_delete)} local checkpoint(s): freeing them was not confirmed")
+        result.free_plan = replace(plan, decisions=tuple(_kept(d) for d in plan.decisions))
         return
 
     def relay(kind: str, unit: Unit, detail: str) -> None:

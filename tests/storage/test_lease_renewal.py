@@ -4,6 +4,7 @@ meanwhile, and a holder that lost it (stalled past the expiry, taken over) is to
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -65,3 +66,30 @@ def test_an_expired_lease_is_taken_over_but_a_live_one_is_not(backend: Backend) 
     with run_lock(location, lease_seconds=LEASE) as lease:
         assert json.loads(location.read_bytes(LOCK_NAME))["token"] != "dead"
         lease.check()
+
+
+@pytest.mark.parametrize("backend", ["memory", "s3"], indirect=True)
+def test_a_lease_of_a_killed_process_on_this_machine_is_taken_over_at_once(backend: Backend) -> None:
+    import subprocess
+    import sys
+
+    from ckptctl.storage.lock import _process_scope
+
+    location = _run(backend)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = {
+        "host": "x",
+        "pid": int(gone.stdout),
+        "scope": _process_scope(),
+        "token": "dead",
+        "expires": time.time() + 3600,
+    }
+    location.fs.pipe_file(location.full_path(LOCK_NAME), json.dumps(dead).encode())
+    with run_lock(location, lease_seconds=LEASE):
+        assert json.loads(location.read_bytes(LOCK_NAME))["token"] != "dead"
+    alive = {**dead, "pid": os.getpid(), "token": "alive"}  # this very process: alive, so refused
+    location.fs.pipe_file(location.full_path(LOCK_NAME), json.dumps(alive).encode())
+    with pytest.raises(LockedError, match="locked by another ckptctl process"), run_lock(location):
+        pass

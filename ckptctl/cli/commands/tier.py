@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,7 +21,12 @@ from ckptctl.cli._options import (
     StepOpt,
     StepsOpt,
     StorageOpt,
+    YesOpt,
 )
+
+if TYPE_CHECKING:
+    from ckptctl.cli._output import Output
+    from ckptctl.retention.plan import PrunePlan
 
 tier_app = typer.Typer(
     name="tier",
@@ -96,6 +101,7 @@ def push(
     ] = "16MiB",
     settle: SettleOpt = "10m",
     dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     storage_option: StorageOpt = None,
@@ -109,7 +115,8 @@ def push(
 
     With --keep-local-last/--keep-local-best, local copies are then freed, but only of checkpoints whose remote
     copy a fresh listing verifies, and never the newest complete one, one a pointer names, a pinned or an
-    incomplete one (prune's rules and its crash-safe deletion).
+    incomplete one (prune's rules and its crash-safe deletion). At a terminal it asks before freeing (--yes
+    skips the question); without one (cron) it frees without asking.
 
     Exit codes: 0 done, 1 store unreachable, 2 the remote is, contains or lies inside RUN, 3 bucket or run
     missing, 4 a link or foreign file where the run lock goes, 5 some checkpoints failed (re-run), 6 the run is
@@ -126,10 +133,9 @@ def push(
     from ckptctl.humanize import format_bytes, parse_duration, parse_size, parse_steps
     from ckptctl.retention.policy import Policy
     from ckptctl.storage.location import Location, parse_storage_options
-    from ckptctl.storage.lock import run_lock
     from ckptctl.storage.transfer import MIN_PART_SIZE
     from ckptctl.tiering.manifest import MAX_PART_SIZE
-    from ckptctl.tiering.push import PushOptions, check_target, default_jobs
+    from ckptctl.tiering.push import PushOptions, check_target, default_jobs, push_locks
     from ckptctl.tiering.push import push as run_push
 
     out = Output.start("tier push", json_mode=json_out, quiet=quiet, flags=FREE_FLAGS)
@@ -153,6 +159,7 @@ def push(
         free_policy=policy,
         metric_file=Location.from_url(metric_file, options) if metric_file else None,
         dry_run=dry_run,
+        confirm_free=None if yes else lambda plan: _confirm_free(out, plan),
     )
 
     def on_event(kind: str, *, unit: Any, bytes: int = 0, seconds: float = 0.0, detail: str = "") -> None:
@@ -185,9 +192,11 @@ def push(
             out.warn(f"{kind} {unit.path}: {detail}")
 
     check_target(local, remote)  # before the lock: a refused push leaves the run as it was
-    lock = contextlib.nullcontext() if dry_run else run_lock(local)
-    with lock, _bars(out, 0) as advance:
-        result = run_push(local, remote, push_options, on_event=on_event, on_bytes=advance)
+    # A dry run takes no lock (it writes nothing); a push holds the local run's lock and the remote run's lease.
+    locks = contextlib.nullcontext() if dry_run else push_locks(local, remote)
+    with locks as held, _bars(out, 0) as advance:
+        lease = getattr(held, "lease", None)
+        result = run_push(local, remote, push_options, on_event=on_event, on_bytes=advance, lease=lease)
     for note in result.notes:  # said once per run, e.g. a store that refuses checksum headers
         out.warn(note)
     plan = result.free_plan
@@ -272,7 +281,8 @@ def pull(
 
     Exit codes: 0 done, 1 disk full or store unreachable, 2 DEST is, contains or lies inside a local remote run,
     3 not tiered / not found, 4 DEST exists (or a link or foreign file where a partial file goes), 5 some of
-    --steps/--all failed, 8 corrupt.
+    --steps/--all failed, 6 another ckptctl holds the local run (the lock of DEST, or of the folder DEST is
+    created in), 8 corrupt.
 
     Examples:
 
@@ -286,6 +296,7 @@ def pull(
     from ckptctl.errors import UsageError
     from ckptctl.humanize import parse_steps
     from ckptctl.storage.location import Location, parse_storage_options
+    from ckptctl.storage.lock import run_lock
     from ckptctl.tiering.pull import pull as run_pull
     from ckptctl.tiering.pull import pull_run
     from ckptctl.tiering.push import default_jobs
@@ -294,7 +305,10 @@ def pull(
     if sum((step is not None, latest, steps is not None, all_steps)) != 1:
         raise UsageError("give exactly one of --step N, --latest, --steps S1,S2 and --all")
     remote = Location.from_url(url, parse_storage_options(storage_option or []))
-    with _bars(out, 0) as advance:
+    with (
+        run_lock(Location.from_url(_pull_lock_folder(dest, into_run=step is None and not latest))),
+        _bars(out, 0) as advance,
+    ):
         current = [""]
 
         def on_manifest(manifest: Any) -> None:
@@ -327,6 +341,22 @@ def pull(
         _report_pulled(out, result)
         return
     _report_run_pull(out, remote.url, dest, many)
+
+
+def _pull_lock_folder(dest: str, *, into_run: bool) -> str:
+    """The local folder whose run lock a pull holds: the run it fills (--steps/--all: DEST once it exists), else
+    the folder the new DEST appears in (usually the run the checkpoint belongs to). The remote run is not
+    locked: a pull only reads it, so many machines may restore from one run at once, and a push or prune that
+    changes it meanwhile makes the pull fail verification (exit 8/5), never land wrong bytes."""
+    import os
+
+    dest = os.path.abspath(dest)
+    if into_run and os.path.isdir(dest):
+        return dest
+    parent = os.path.dirname(dest)
+    while parent != os.path.dirname(parent) and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    return parent
 
 
 def _pulled_record(result: Any) -> dict[str, Any]:
@@ -482,3 +512,21 @@ def status(
     if error is not None:
         out.fail(error, data)
     out.result(data)
+
+
+def _confirm_free(out: Output, plan: PrunePlan) -> bool:
+    """Ask at a terminal before local copies are freed, as prune asks, once the plan (verified remote copies
+    only) is known; without one (cron) freeing goes on, as before. A "no" keeps them (the uploads stand)."""
+    from ckptctl.cli._confirm import confirm_deletion
+    from ckptctl.errors import RefusedError
+    from ckptctl.humanize import format_bytes
+
+    try:
+        confirm_deletion(
+            f"free {len(plan.to_delete)} local checkpoint(s), {format_bytes(plan.bytes_to_free)} "
+            f"({', '.join(u.path for u in plan.to_delete[:3])}{', ...' if len(plan.to_delete) > 3 else ''})?",
+            yes=False,
+        )
+    except RefusedError:
+        return False
+    return True
