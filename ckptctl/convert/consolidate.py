@@ -166,26 +166,11 @@ def consolidate(
         final = out_path
     if os.path.exists(final) and not force:
         raise RefusedError(f"{final} exists; pass --force to replace it")
-    plan = plan_source(src, tag=tag, exclude_frozen=exclude_frozen)
-    target = OUTPUT_DTYPES[dtype] if dtype else plan.default_dtype
-    names = {t.name for t in plan.tensors}
-    order = list(plan.tensors)
-    if keep_tied:
-        by_name = {t.name: t for t in plan.tensors}
-        order += [
-            replace(by_name[owner], name=alias)
-            for alias, owner in plan.aliases.items()
-            if owner in by_name and alias not in names
-        ]
-    order, aliases = _select(plan, order, selection or Selection(), keep_tied)
+    plan, order, planned, aliases, metadata = _prepare(
+        src, tag=tag, dtype=dtype, exclude_frozen=exclude_frozen, keep_tied=keep_tied, selection=selection
+    )
     made_folder = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
-    planned = [
-        PlannedTensor(t.name, target if target and t.dtype in _CASTABLE else t.dtype, t.shape) for t in order
-    ]
-    metadata = {"format": "pt"}
-    if aliases and not keep_tied:
-        metadata["tied_aliases"] = json.dumps(aliases, sort_keys=True)
     groups = _shards(planned, max_shard_bytes)
     files = (
         [final]
@@ -195,21 +180,11 @@ def consolidate(
             for i in range(len(groups))
         ]
     )
-    written = 0
-    weight_map: dict[str, str] = {}
     done: list[str] = []  # files this call put in place, removed again if a later one fails
     try:
-        for path, group in zip(files, groups, strict=True):
-            with atomic_local_file(path) as handle:
-                stream = SafetensorsStream(handle, [planned[i] for i in group], metadata)
-                for index in group:
-                    tensor, out = order[index], planned[index]
-                    written += stream.write(out.name, _tensor_chunks(tensor, out.dtype))
-                    weight_map[out.name] = os.path.basename(path)
-                    if on_bytes is not None:
-                        on_bytes(out.nbytes)
-                stream.close()
-            done.append(path)
+        written, weight_map = _write_shards(
+            files, groups, order, planned, metadata, atomic_local_file, on_bytes, done, os.path.basename
+        )
         if max_shard_bytes is not None:
             index_data = {"metadata": {"total_size": written}, "weight_map": weight_map}
             with atomic_local_file(final) as handle:
@@ -226,20 +201,69 @@ def consolidate(
         raise
     if copied:
         plan.warnings.append(f"copied {', '.join(copied)} beside the output")
-    return ConsolidationResult(
-        output=final,
-        tensors=len(planned),
-        parameters=sum(math.prod(t.shape) for t in planned),
-        bytes_written=written,
-        seconds=time.perf_counter() - started,
-        stage=plan.stage,
-        world_size=plan.world_size,
-        aliases=aliases,
-        warnings=tuple(plan.warnings),
-        format=plan.format,
-        dropped=plan.dropped,
-        non_tensors=tuple(plan.non_tensors),
-    )
+    return _result(plan, final, planned, written, aliases, started)
+
+
+def _prepare(
+    src: Location,
+    *,
+    tag: str | None,
+    dtype: str | None,
+    exclude_frozen: bool,
+    keep_tied: bool,
+    selection: Selection | None,
+) -> tuple[TensorPlan, list[TensorSource], list[PlannedTensor], dict[str, str], dict[str, str]]:
+    """The plan, the tensors to write (in order), their output names/dtypes/shapes, the aliases and the header
+    metadata: everything about the output that does not depend on where it goes."""
+    plan = plan_source(src, tag=tag, exclude_frozen=exclude_frozen)
+    target = OUTPUT_DTYPES[dtype] if dtype else plan.default_dtype
+    names = {t.name for t in plan.tensors}
+    order = list(plan.tensors)
+    if keep_tied:
+        by_name = {t.name: t for t in plan.tensors}
+        order += [
+            replace(by_name[owner], name=alias)
+            for alias, owner in plan.aliases.items()
+            if owner in by_name and alias not in names
+        ]
+    order, aliases = _select(plan, order, selection or Selection(), keep_tied)
+    planned = [
+        PlannedTensor(t.name, target if target and t.dtype in _CASTABLE else t.dtype, t.shape) for t in order
+    ]
+    metadata = {"format": "pt"}
+    if aliases and not keep_tied:
+        metadata["tied_aliases"] = json.dumps(aliases, sort_keys=True)
+    return plan, order, planned, aliases, metadata
+
+
+def _write_shards(
+    files: list[str],
+    groups: list[list[int]],
+    order: list[TensorSource],
+    planned: list[PlannedTensor],
+    metadata: dict[str, str],
+    open_new: Callable[[str], contextlib.AbstractContextManager[Any]],
+    on_bytes: Callable[[int], None] | None,
+    done: list[str],
+    name_of: Callable[[str], str],
+) -> tuple[int, dict[str, str]]:
+    """Stream each output file through ``open_new(path)`` (a local temp + rename, or a multipart upload that is
+    aborted on failure): header first, then each tensor as it is read and cast, so memory is one read piece (plus
+    one upload part). Each finished path is appended to ``done``; returns bytes written and the weight map."""
+    written = 0
+    weight_map: dict[str, str] = {}
+    for path, group in zip(files, groups, strict=True):
+        with open_new(path) as handle:
+            stream = SafetensorsStream(handle, [planned[i] for i in group], metadata)
+            for index in group:
+                tensor, out = order[index], planned[index]
+                written += stream.write(out.name, _tensor_chunks(tensor, out.dtype))
+                weight_map[out.name] = name_of(path)
+                if on_bytes is not None:
+                    on_bytes(out.nbytes)
+            stream.close()
+        done.append(path)
+    return written, weight_map
 
 
 def _select(
@@ -264,29 +288,98 @@ def _select(
     return [replace(t, name=chosen[t.name]) for t in order if t.name in chosen], aliases
 
 
-def _consolidate_to_store(
-    src: Location, out_url: str, out_options: dict[str, Any], **kwargs: Any
+def _result(
+    plan: TensorPlan,
+    final: str,
+    planned: list[PlannedTensor],
+    written: int,
+    aliases: dict[str, str],
+    started: float,
 ) -> ConsolidationResult:
-    """OUT on an object store: consolidate into a local temporary folder, then upload the weights first and the
-    index last, so a reader never finds an index naming shards that are not there yet."""
-    import os
-    import tempfile
+    return ConsolidationResult(
+        output=final,
+        tensors=len(planned),
+        parameters=sum(math.prod(t.shape) for t in planned),
+        bytes_written=written,
+        seconds=time.perf_counter() - started,
+        stage=plan.stage,
+        world_size=plan.world_size,
+        aliases=aliases,
+        warnings=tuple(plan.warnings),
+        format=plan.format,
+        dropped=plan.dropped,
+        non_tensors=tuple(plan.non_tensors),
+    )
 
-    sharded = kwargs.get("max_shard_bytes") is not None or out_url.endswith("/")
+
+def _consolidate_to_store(
+    src: Location,
+    out_url: str,
+    out_options: dict[str, Any],
+    *,
+    tag: str | None,
+    dtype: str | None,
+    exclude_frozen: bool,
+    keep_tied: bool,
+    force: bool,
+    max_shard_bytes: int | None,
+    copy_configs: bool,
+    on_bytes: Callable[[int], None] | None,
+    selection: Selection | None,
+) -> ConsolidationResult:
+    """OUT on an object store, streamed: each output file is a multipart upload fed as its tensors are read
+    (``storage.atomic.new_object``: aborted, never completed, on failure), so no local copy is made and memory is
+    one upload part plus one read piece. Weights first, configs, the index last: a reader never finds an index
+    naming shards that are not there yet, and a killed run leaves no index."""
+    from ckptctl.storage.atomic import new_object
+
+    started = time.perf_counter()
+    sharded = max_shard_bytes is not None or out_url.endswith("/")
     folder_url = out_url.rstrip("/") if sharded else out_url.rsplit("/", 1)[0]
     name = None if sharded else out_url.rsplit("/", 1)[1]
     target = Location.from_url(folder_url, out_options)
     target.require_bucket()
-    final = "model.safetensors.index.json" if kwargs.get("max_shard_bytes") else (name or "model.safetensors")
-    if target.exists(final) and not kwargs.get("force"):
+    final = "model.safetensors.index.json" if max_shard_bytes is not None else (name or "model.safetensors")
+    if target.exists(final) and not force:
         raise RefusedError(f"{target.url_of(final)} exists; pass --force to replace it")
-    with tempfile.TemporaryDirectory(prefix="ckptctl-consolidate-") as scratch:
-        local_out = scratch + "/" if sharded else os.path.join(scratch, name or "model.safetensors")
-        result = consolidate(src, local_out, **kwargs)
-        files = sorted(os.listdir(scratch), key=lambda f: (f == final, f.endswith(".json"), f))
-        for file in files:
-            target.upload_file(os.path.join(scratch, file), file)
-    return replace(result, output=target.url_of(final))
+    plan, order, planned, aliases, metadata = _prepare(
+        src, tag=tag, dtype=dtype, exclude_frozen=exclude_frozen, keep_tied=keep_tied, selection=selection
+    )
+    groups = _shards(planned, max_shard_bytes)
+    files = (
+        [final]
+        if max_shard_bytes is None
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
+
+    @contextlib.contextmanager
+    def open_new(rel: str) -> Iterator[Any]:
+        with target.errors(rel), new_object(target.fs, target.full_path(rel)) as handle:
+            yield handle
+
+    done: list[str] = []
+    try:
+        written, weight_map = _write_shards(
+            files, groups, order, planned, metadata, open_new, on_bytes, done, lambda rel: rel
+        )
+        copied = []
+        if copy_configs:
+            for config in MODEL_CONFIG_FILES:
+                if not target.exists(config) and src.exists(config):
+                    target.write_bytes(config, src.read_bytes(config))
+                    done.append(config)
+                    copied.append(config)
+        if max_shard_bytes is not None:
+            index_data = {"metadata": {"total_size": written}, "weight_map": weight_map}
+            target.write_bytes(final, json.dumps(index_data, indent=2).encode())
+            done.append(final)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            target.delete_files(done, verify=False)
+        raise
+    if copied:
+        plan.warnings.append(f"copied {', '.join(copied)} beside the output")
+    return _result(plan, target.url_of(final), planned, written, aliases, started)
 
 
 def _tensor_chunks(tensor: TensorSource, target: str) -> Iterator[bytes]:

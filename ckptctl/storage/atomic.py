@@ -252,3 +252,40 @@ def commit_folder(temp: str, final: str, *, replace: bool = False) -> None:
     else:
         os.rename(temp, final)
     fsync_folder(parent)
+
+
+# -- objects -----------------------------------------------------------------------------------------------------
+OBJECT_PART_BYTES = 8 * 1024 * 1024
+"""Bytes buffered before a multipart upload sends a part (S3 takes parts of 5 MiB and more): peak memory of
+``new_object``."""
+
+
+@contextlib.contextmanager
+def new_object(fs: object, path: str, *, part_bytes: int = OBJECT_PART_BYTES) -> Iterator[IO[bytes]]:
+    """Yield a file that streams to the object ``path`` in parts of ``part_bytes``; the object appears only when
+    the block ends normally (the multipart upload is completed), and an exception aborts the upload instead, so a
+    failed or killed writer never leaves an object that looks complete (an interrupted S3 multipart upload stays
+    invisible and is reaped by the bucket's abort-incomplete-uploads rule).
+
+    Buffered files (s3fs, gcsfs) are opened with ``autocommit=False`` and committed after the last part;
+    ``memory://`` publishes at open, so there a failure removes the object again.
+    """
+    from fsspec.spec import AbstractBufferedFile
+
+    handle = fs.open(path, "wb", block_size=part_bytes, autocommit=False)  # type: ignore[attr-defined]
+    # Buffered uploads and file:// write aside until commit(); memory:// has no such mode (it publishes now).
+    deferred = getattr(handle, "autocommit", True) is False
+    try:
+        yield handle
+    except BaseException:
+        with contextlib.suppress(Exception):
+            handle.discard()
+        if isinstance(handle, AbstractBufferedFile):
+            handle.closed = True  # __del__ would otherwise close, i.e. complete, the discarded upload
+        if not deferred:
+            with contextlib.suppress(Exception):
+                fs.rm_file(path)  # type: ignore[attr-defined]
+        raise
+    handle.close()
+    if deferred:
+        handle.commit()

@@ -54,7 +54,9 @@ def test_bit_identical_to_zero_to_fp32(case: str, kind: str, tmp_path: Path, sha
     expected = [(t["name"], t["dtype"], t["shape"], t["sha256"]) for t in reference if not t.get("alias_of")]
     # ZeRO-1 saves no frozen_param_*: ckptctl writes the frozen params from `module` (zero_to_fp32 drops them),
     # after the buffers; every tensor zero_to_fp32 writes is still bit-identical.
-    extra = [t for t in ours if t[0].startswith("frozen_block.")] if case.startswith("z1") and kind == "" else []
+    extra = (
+        [t for t in ours if t[0].startswith("frozen_block.")] if case.startswith("z1") and kind == "" else []
+    )
     assert [(n, short[d], s, h) for n, d, s, h in ours if (n, d, s, h) not in extra] == expected
     assert [t[0] for t in extra] == (["frozen_block.weight", "frozen_block.bias"] if extra else [])
     aliases = {t["name"]: t["alias_of"] for t in reference if t.get("alias_of")}
