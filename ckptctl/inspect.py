@@ -97,7 +97,9 @@ def _inspect_location(location: Location, *, verify: bool) -> Inspection:
     files = [e for e in entries if e.type == "file"]
     found = format_of_dir(e.path for e in files)
     if found is None:
-        names = ", ".join(sorted(e.path for e in files if "/" not in e.path)[:5]) or "it is empty"
+        # What is at the top, folders included: a folder holding only sub-folders is not empty.
+        top = sorted({e.path.split("/", 1)[0] + ("/" if "/" in e.path else "") for e in files})
+        names = ", ".join(top[:5]) + (f" and {len(top) - 5} more" if len(top) > 5 else "") or "it is empty"
         raise NothingRecognisedError(
             f"{location.url}: no checkpoint recognised in this folder ({names})",
             url=location.url,

@@ -415,3 +415,13 @@ def test_optimizer_file_is_not_parameters(torch_files: Path) -> None:
     assert "parameters  0\n" in result.stdout
     assert "optimizer   18 tensors, 494 elements, 1.93 KiB (not counted as parameters)" in result.stdout
     assert "content     optimizer" in result.stdout and "exp_avg, exp_avg_sq, step" in result.stdout
+
+
+def test_a_folder_of_folders_is_named_not_called_empty(tmp_path: Path) -> None:
+    (tmp_path / "step-2" / "sharded").mkdir(parents=True)
+    (tmp_path / "step-2" / "sharded" / "notes.txt").write_text("x")
+    result = run_cli("inspect", str(tmp_path / "step-2"))
+    assert result.returncode == 3
+    assert "no checkpoint recognised in this folder (sharded/)" in result.stderr
+    (tmp_path / "empty").mkdir()
+    assert "(it is empty)" in run_cli("inspect", str(tmp_path / "empty")).stderr
