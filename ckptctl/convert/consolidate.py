@@ -190,7 +190,16 @@ def consolidate(
             with atomic_local_file(final) as handle:
                 handle.write(json.dumps(index_data, indent=2).encode())
             done.append(final)
-        copied = _copy_configs(src, folder, done) if copy_configs else []
+        copied = (
+            _copy_configs(
+                src,
+                lambda name: os.path.lexists(os.path.join(folder, name)),
+                lambda name, data: _local_write(os.path.join(folder, name), data),
+                done,
+            )
+            if copy_configs
+            else []
+        )
     except BaseException:
         for path in reversed(done):
             with contextlib.suppress(OSError):
@@ -362,13 +371,7 @@ def _consolidate_to_store(
         written, weight_map = _write_shards(
             files, groups, order, planned, metadata, open_new, on_bytes, done, lambda rel: rel
         )
-        copied = []
-        if copy_configs:
-            for config in MODEL_CONFIG_FILES:
-                if not target.exists(config) and src.exists(config):
-                    target.write_bytes(config, src.read_bytes(config))
-                    done.append(config)
-                    copied.append(config)
+        copied = _copy_configs(src, target.exists, _writer(target.write_bytes), done) if copy_configs else []
         if max_shard_bytes is not None:
             index_data = {"metadata": {"total_size": written}, "weight_map": weight_map}
             target.write_bytes(final, json.dumps(index_data, indent=2).encode())
@@ -388,20 +391,33 @@ def _tensor_chunks(tensor: TensorSource, target: str) -> Iterator[bytes]:
         yield cast(data, tensor.dtype, target)
 
 
-def _copy_configs(src: Location, folder: str, done: list[str]) -> list[str]:
+def _copy_configs(
+    src: Location, present: Callable[[str], bool], write: Callable[[str, bytes], str], done: list[str]
+) -> list[str]:
     """Model config and tokenizer files found beside SRC (HF Trainer and open-instruct save them there), copied
-    next to the output so it loads with ``from_pretrained``. Existing files (or links) are left alone; each file
-    written is appended to ``done``."""
-    import os
-
-    from ckptctl.storage.atomic import atomic_write_local
-
+    next to the output so it loads with ``from_pretrained``. Those already there (or links) are left alone;
+    ``write(name, data)`` puts one in place (atomically) and returns its path, which is appended to ``done``."""
     copied = []
     for name in MODEL_CONFIG_FILES:
-        target = os.path.join(folder, name)
-        if os.path.lexists(target) or not src.exists(name):
+        if present(name) or not src.exists(name):
             continue
-        atomic_write_local(target, src.read_bytes(name))
-        done.append(target)
+        done.append(write(name, src.read_bytes(name)))
         copied.append(name)
     return copied
+
+
+def _local_write(path: str, data: bytes) -> str:
+    from ckptctl.storage.atomic import atomic_write_local
+
+    atomic_write_local(path, data)
+    return path
+
+
+def _writer(write_bytes: Callable[[str, bytes], None]) -> Callable[[str, bytes], str]:
+    """An object store's ``write_bytes`` (one PUT: the object appears whole), returning the name written."""
+
+    def write(name: str, data: bytes) -> str:
+        write_bytes(name, data)
+        return name
+
+    return write

@@ -19,13 +19,19 @@ SRC = SHARED_FIXTURES / "zero" / "z2-bf16-untied" / "checkpoint"
 
 @pytest.mark.parametrize("backend", ["memory", "s3", "gcs"], indirect=True)
 def test_streamed_shards_match_local_output(backend, tmp_path: Path, shared_fixtures: Path) -> None:
+    import shutil
+
     from ckptctl.convert.consolidate import consolidate
     from ckptctl.storage import Location
 
+    src = tmp_path / "src"
+    shutil.copytree(SRC, src)
+    (src / "config.json").write_text('{"model_type": "toy"}')  # copied beside the output, on both paths
     local = tmp_path / "local"
-    consolidate(Location.from_url(str(SRC)), str(local), max_shard_bytes=1000)
+    consolidate(Location.from_url(str(src)), str(local), max_shard_bytes=1000)
+    assert (local / "config.json").read_text() == '{"model_type": "toy"}'
     remote = consolidate(
-        Location.from_url(str(SRC)),
+        Location.from_url(str(src)),
         f"{backend.url}/out/",
         max_shard_bytes=1000,
         out_options=dict(backend.options),
