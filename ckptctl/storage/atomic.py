@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from typing import IO
 
 from ckptctl.errors import CkptctlError, NoSpaceError, PermissionDeniedError, UnsafeTargetError
+from ckptctl.storage.writeback import write_behind_file
 
 TEMP_PREFIX = ".ckptctl-tmp-"
 PARTIAL_SUFFIX = ".ckptctl-partial"
@@ -124,7 +125,7 @@ def create_new_file(path: str) -> IO[bytes]:
         fd = os.open(path, _NEW_FILE_FLAGS, FILE_MODE)
     except FileExistsError:
         raise _unsafe(path, _describe(os.lstat(path))) from None
-    return os.fdopen(fd, "wb")
+    return write_behind_file(fd)
 
 
 @contextlib.contextmanager
@@ -162,7 +163,7 @@ def atomic_local_file(path: str) -> Iterator[IO[bytes]]:
                 break
             except FileExistsError:
                 continue
-        with os.fdopen(fd, "wb") as handle:
+        with write_behind_file(fd) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

@@ -56,6 +56,7 @@ from ckptctl.storage.checksums import (
     md5_b64,
 )
 from ckptctl.storage.location import Location
+from ckptctl.storage.writeback import write_at
 
 MiB = 2**20
 BODY_CHUNK = 8 * MiB
@@ -557,7 +558,7 @@ class S3DataPath:
         def fetch(start: int) -> Hasher:
             end = min(size, start + step)
             hasher = Hasher(md5_part_size)
-            write = None if fd is None else (lambda chunk, at: _pwrite_all(fd, chunk, start + at))
+            write = None if fd is None else (lambda chunk, at: write_at(fd, chunk, start + at))
             copy_hashed(self._body(rel, start, end, whole=len(starts) == 1), hasher, write, on_bytes)
             if hasher.digest.size != end - start:
                 raise TruncatedError(
@@ -707,11 +708,3 @@ def _pread_exact(fd: int, offset: int, length: int, path: str) -> bytes:
             raise SourceChangedError(f"{path} shrank while it was being uploaded")
         data += more
     return data
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written

@@ -23,6 +23,7 @@ from ckptctl.errors import ChecksumMismatchError
 from ckptctl.storage.atomic import create_new_file
 from ckptctl.storage.checksums import Digest, Hasher, copy_hashed
 from ckptctl.storage.location import FileEntry, Location
+from ckptctl.storage.writeback import write_at
 
 if TYPE_CHECKING:
     from ckptctl.storage.s3_data import S3DataPath
@@ -317,8 +318,10 @@ def download(
             )
         else:
             hasher = Hasher(md5_part_size)
-            copy_hashed(_remote_chunks(location, rel), hasher, lambda chunk, _: sink.write(chunk), on_bytes)
-            sink.flush()
+            fd = sink.fileno()
+            copy_hashed(
+                _remote_chunks(location, rel), hasher, lambda chunk, at: write_at(fd, chunk, at), on_bytes
+            )
         os.fsync(sink.fileno())
     return hasher
 
