@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ckptctl.errors import CkptctlError, ExitCode, RefusedError
+from ckptctl.errors import CkptctlError, ExitCode
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -195,19 +195,6 @@ class Output:
         raise SystemExit(self.error(exc, data, errors=errors))
 
     # -- interaction --------------------------------------------------------------------------------------
-    def confirm(self, question: str, *, yes: bool) -> None:
-        """Ask before a destructive step. Raises RefusedError when declined, or when there is no terminal to
-        ask on (it never waits for input that cannot come)."""
-        if yes:
-            return
-        if not sys.stdin.isatty():
-            raise RefusedError(
-                f"{question} needs confirmation and there is no terminal to ask on", hint="pass --yes"
-            )
-        answer = input(f"{question} [y/N] ").strip().lower()
-        if answer not in ("y", "yes"):
-            raise RefusedError("not confirmed; nothing was changed")
-
     @contextlib.contextmanager
     def progress(
         self, description: str, total: float | None, *, unit: str = "bytes"

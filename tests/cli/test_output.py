@@ -1,4 +1,4 @@
-"""The output sink every command shares: the envelope, stream routing, and a confirmation that never hangs."""
+"""The output sink every command shares: the envelope and stream routing."""
 
 from __future__ import annotations
 
@@ -7,16 +7,7 @@ import json
 import pytest
 
 from ckptctl.cli._output import Output, envelope
-from ckptctl.errors import NotFoundError, RefusedError
-
-
-def test_confirm_without_a_terminal_refuses_and_names_yes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
-    out = Output("prune")
-    with pytest.raises(RefusedError) as info:
-        out.confirm("delete 3 checkpoints (12 GiB)", yes=False)
-    assert info.value.hint == "pass --yes" and info.value.exit_code == 4
-    out.confirm("delete 3 checkpoints (12 GiB)", yes=True)
+from ckptctl.errors import NotFoundError
 
 
 def test_json_mode_prints_only_the_envelope(capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -262,10 +261,10 @@ def prune(
         if count == 0:
             _summary(out, plan, None, dry_run=False)
             return
-        if sys.stdin.isatty():
-            from ckptctl.humanize import format_bytes
+        from ckptctl.cli._confirm import confirm_deletion
+        from ckptctl.humanize import format_bytes
 
-            out.confirm(f"delete {count} checkpoint(s), {format_bytes(plan.bytes_to_free)}?", yes=yes)
+        confirm_deletion(f"delete {count} checkpoint(s), {format_bytes(plan.bytes_to_free)}?", yes=yes)
 
         def on_event(kind: str, unit: Unit, detail: str) -> None:
             out.event(kind, path=unit.path, step=unit.step, bytes=unit.total_bytes, detail=detail)
@@ -390,15 +389,16 @@ def _prune_each_run(
     """``--each-run``: every run by its own rules; one run's failure is reported and the rest still done."""
     from collections import Counter
 
+    from ckptctl.cli._confirm import confirm_deletion, stdin_is_terminal
     from ckptctl.errors import PartialFailureError
     from ckptctl.humanize import format_bytes
     from ckptctl.retention.each_run import prune_each_run
 
-    if not dry_run and sys.stdin.isatty() and not yes:
+    if not dry_run and not yes and stdin_is_terminal():  # the preview costs a walk: only when someone is asked
         preview = prune_each_run(root, settings, dry_run=True)
         _show_runs(out, preview.outcomes, dry_run=True)
         count = sum(len(o.plan.to_delete) + len(o.plan.resume) for o in preview.outcomes if o.plan)
-        out.confirm(
+        confirm_deletion(
             f"delete {count} checkpoint(s) in {len(preview.outcomes)} run(s) by their rules?", yes=yes
         )
 
