@@ -32,7 +32,9 @@ def consolidate(
     out: Annotated[
         str,
         typer.Argument(
-            metavar="OUT", help="Output .safetensors file, or a folder for model.safetensors (local)."
+            metavar="OUT",
+            help="Output .safetensors file, or a folder (model.safetensors; HF shards + index with "
+            "--max-shard-size); local or URL.",
         ),
     ],
     tag: Annotated[
@@ -89,6 +91,35 @@ def consolidate(
             help="Copy config.json and tokenizer files found beside SRC next to the output.",
         ),
     ] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            metavar="N",
+            help="Split the sharded output over N processes (a Slurm job array, a Kubernetes Indexed Job): each "
+            "makes the same shard plan and writes only its own shards, never the index. Needs --max-shard-size; "
+            "run --finalize once after all of them.",
+        ),
+    ] = None,
+    worker_index: Annotated[
+        int | None,
+        typer.Option(
+            "--worker-index",
+            metavar="I",
+            help='This worker\'s number, 0..N-1: --worker-index "$SLURM_ARRAY_TASK_ID" (sbatch --array=0-N-1) '
+            'or "$JOB_COMPLETION_INDEX" (Kubernetes). Shards it finds complete from the same plan are skipped, '
+            "so a requeued task resumes; a shard of another plan is refused (--force replaces it).",
+        ),
+    ] = None,
+    finalize: Annotated[
+        bool,
+        typer.Option(
+            "--finalize",
+            help="Run once after all workers, with their SRC, OUT and options: check every shard's header and "
+            "size against the plan (no tensor data is read), then copy the configs and write the index, last. "
+            "A missing or wrong shard is refused (exit 4) naming the --worker-index to rerun (with --workers N).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     storage_option: StorageOpt = None,
@@ -111,6 +142,17 @@ def consolidate(
       ckptctl consolidate s3://bucket/run42 out/ --tag global_step900 --dtype bf16
 
       ckptctl consolidate outputs/checkpoint/step-1000 policy.safetensors --prefix policy
+
+    Split one conversion over a Slurm job array (sbatch --array=0-7; a Kubernetes Indexed Job passes
+    $JOB_COMPLETION_INDEX): each task writes its shards, then one job after them all (--dependency=afterok)
+    finalizes. All take the same SRC, OUT and options; pin the step with --tag so a moving latest cannot
+    split them:
+
+      ARGS="s3://b/run42 s3://b/hf/ --tag global_step900 --max-shard-size 5GB"
+
+      ckptctl consolidate $ARGS --workers 8 --worker-index $SLURM_ARRAY_TASK_ID
+
+      ckptctl consolidate $ARGS --workers 8 --finalize
     """
     from ckptctl.cli._output import Output
     from ckptctl.convert.consolidate import consolidate as run
@@ -137,6 +179,9 @@ def consolidate(
             out_options=options,
             selection=selection,
             on_bytes=(lambda n: bar.advance(bar.task_ids[0], n)) if bar is not None else None,
+            workers=workers,
+            worker_index=worker_index,
+            finalize=finalize,
         )
     output.result(result.to_dict())
     for warning in result.warnings:
@@ -146,7 +191,20 @@ def consolidate(
         if result.format == "zero"
         else result.format.upper()
     )
-    output.info(
-        f"wrote {result.output}: {result.tensors} tensors kept, {result.dropped} dropped, "
-        f"{result.parameters:,} parameters, {format_bytes(result.bytes_written)} ({source}) in {result.seconds:.2f}s"
-    )
+    shards = result.shards
+    if shards is not None and shards.mode == "worker":
+        output.info(
+            f"worker {shards.worker_index} of {shards.workers}: wrote {len(shards.written)} of the "
+            f"{shards.total} shards ({format_bytes(result.bytes_written)}), skipped {len(shards.skipped)} "
+            f"already complete, in {result.seconds:.2f}s; run --finalize once every worker is done"
+        )
+    elif shards is not None and shards.mode == "finalize":
+        output.info(
+            f"verified {len(shards.verified)} shards, wrote {result.output}: {result.tensors} tensors, "
+            f"{result.parameters:,} parameters ({source}) in {result.seconds:.2f}s"
+        )
+    else:
+        output.info(
+            f"wrote {result.output}: {result.tensors} tensors kept, {result.dropped} dropped, "
+            f"{result.parameters:,} parameters, {format_bytes(result.bytes_written)} ({source}) in {result.seconds:.2f}s"
+        )
