@@ -285,7 +285,7 @@ def _write_lease(location: Location, data: bytes, *, match: object = None) -> ob
     except CkptctlError:
         raise
     except Exception as exc:
-        if "PreconditionFailed" in str(exc) or "412" in str(exc) or "conditionNotMet" in str(exc):
+        if _precondition_failed(exc):
             raise _Conflict() from None
         raise
     if kind == "s3" and isinstance(out, dict) and out.get("ETag"):
@@ -315,7 +315,7 @@ def _delete_lease(location: Location, match: object) -> None:
             try:
                 fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=match)
             except Exception as exc:
-                if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                if _precondition_failed(exc):
                     return
                 raise
             fs.invalidate_cache(path)
@@ -325,7 +325,7 @@ def _delete_lease(location: Location, match: object) -> None:
             try:
                 fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(match))
             except Exception as exc:
-                if "412" in str(exc) or "conditionNotMet" in str(exc) or "Precondition" in str(exc):
+                if _precondition_failed(exc):
                     return
                 raise
             fs.invalidate_cache(path)
@@ -333,6 +333,25 @@ def _delete_lease(location: Location, match: object) -> None:
         current = _read_lease(location)
         if current is not None and current[1] == match:
             fs.rm_file(path)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether the store refused a conditional request because the object is no longer the version named (HTTP
+    412, or S3's 409 for two conditional writes racing), read from the error's structure and never from its text:
+    a bucket or key may well contain "412". s3fs and gcsfs raise FileExistsError for some of these, an OSError
+    whose cause is botocore's ClientError for the rest; gcsfs's HttpError carries the status as ``code``."""
+    if isinstance(exc, FileExistsError):
+        return True
+    for error in (exc, exc.__cause__, exc.__context__):
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+                return True
+        if getattr(error, "code", None) == 412:
+            return True
+    return False
 
 
 def _holder(data: bytes) -> dict[str, Any]:

@@ -93,3 +93,34 @@ def test_a_lease_of_a_killed_process_on_this_machine_is_taken_over_at_once(backe
     location.fs.pipe_file(location.full_path(LOCK_NAME), json.dumps(alive).encode())
     with pytest.raises(LockedError, match="locked by another ckptctl process"), run_lock(location):
         pass
+
+
+@pytest.mark.parametrize("backend", ["s3"], indirect=True)
+def test_a_stale_conditional_write_is_a_conflict_read_from_the_error_not_its_text(backend: Backend) -> None:
+    """A lease write against a version that is gone is a conflict (the lease was taken); any other error stays
+    that error, even when its message holds "412" (a run named run-412): reading the text once mistook those."""
+    import botocore.exceptions
+    from gcsfs.retry import HttpError
+    from s3fs.errors import translate_boto_error
+
+    from ckptctl.storage.lock import _precondition_failed
+
+    location = backend.location("run-412")
+    path = location.full_path(LOCK_NAME)
+    location.fs.pipe_file(path, b"{}")
+    with pytest.raises(Exception) as stale:  # what s3fs raises for moto's real 412
+        location.fs.pipe_file(path, b"{}", IfMatch='"0123456789abcdef0123456789abcdef"')
+    assert _precondition_failed(stale.value)
+
+    denied = botocore.exceptions.ClientError(
+        {
+            "Error": {"Code": "AccessDenied", "Message": f"Access Denied for {path} (request 412)"},
+            "ResponseMetadata": {"HTTPStatusCode": 403},
+        },
+        "PutObject",
+    )
+    assert not _precondition_failed(denied)
+    assert not _precondition_failed(translate_boto_error(denied))
+    assert not _precondition_failed(OSError(f"Forbidden: run-412/{LOCK_NAME}"))
+    assert _precondition_failed(HttpError({"code": 412, "message": "conditionNotMet"}))  # gcsfs, real GCS
+    assert _precondition_failed(FileExistsError(path))  # gcsfs's 412 on a write; s3fs's If-None-Match
