@@ -394,7 +394,8 @@ def _prune_each_run(
     from ckptctl.humanize import format_bytes
     from ckptctl.retention.each_run import prune_each_run
 
-    if not dry_run and not yes and stdin_is_terminal():  # the preview costs a walk: only when someone is asked
+    # The preview costs a walk: only when someone is asked.
+    if not dry_run and not yes and stdin_is_terminal():
         preview = prune_each_run(root, settings, dry_run=True)
         _show_runs(out, preview.outcomes, dry_run=True)
         count = sum(len(o.plan.to_delete) + len(o.plan.resume) for o in preview.outcomes if o.plan)
