@@ -10,6 +10,11 @@ print them; ``storage.checksums``), the ``part_size`` it was uploaded with, and 
 (an "unchanged since push" token); per manifest the store's checksum ``store_level`` (``storage.s3_data``).
 Version 1 (still read, never written by push): per file an MD5 ``digest``, S3-ETag-shaped for multipart files of
 ``part_size``. Both are validated field by field: a manifest is remote input.
+
+The run's own files (config.json, tokenizer files, metric files, logs: ``tiering.run_files``) have one manifest of
+the same v2 shape, ``.ckptctl-tier/run-files.manifest`` (unit ``""``, layout ``run-files``, no step). Its name does
+not end in ``.json``, so nothing that looks for checkpoint manifests (``unit_of_manifest``, ``remote_view``'s
+checkpoints, ``ckptctl runs``) ever takes it for one.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ TIMESTAMPS = (-(2**31), 2**33)
 restored mtime never overflows. ``push`` records a file time outside it as unknown."""
 _DIGEST = re.compile(r"[0-9a-f]{32}(?:-[1-9][0-9]{0,4})?")
 KINDS = ("dir", "file")
+RUN_FILES_MANIFEST = f"{MANIFEST_DIR}/run-files.manifest"
+"""The manifest of the run's own files (``tiering.run_files``), relative to the remote run."""
+RUN_FILES_LAYOUT = "run-files"
+"""The ``layout`` of that manifest: it describes no checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -388,6 +397,10 @@ class RemoteView:
     bad_manifests: dict[str, BadManifest]
     """By manifest path (relative to the remote run)."""
     exists: bool
+    run_files: Manifest | None = None
+    """The manifest of the run's own files (``RUN_FILES_MANIFEST``) when there is a valid one."""
+    bad_run_files: BadManifest | None = None
+    """That manifest when it is there but cannot be trusted (never used; push rewrites it)."""
 
     def objects_of(self, unit_path: str, kind: str) -> list[FileEntry]:
         """Objects that belong to a unit (whatever a manifest says): for partial uploads and repairs."""
@@ -421,8 +434,7 @@ def remote_view(location: Location) -> RemoteView:
         url = location.url_of(path)
         payload: Any = None
         try:
-            # IntegrityError covers a FIFO or a link in its place and one over the size cap (storage.location).
-            payload = parse_manifest_json(location.read_bytes(path, max_bytes=MAX_MANIFEST_BYTES), name=url)
+            payload = _read_payload(location, path)
             manifest = Manifest.from_payload(payload, name=url)
             if manifest_rel(manifest.unit) != path:
                 raise IntegrityError(
@@ -434,7 +446,29 @@ def remote_view(location: Location) -> RemoteView:
             bad[path] = BadManifest(path, unit_of_manifest(path), claimed, exc)
             continue
         manifests[manifest.unit] = manifest
-    return RemoteView(location, entries, manifests, bad, exists=True)
+    run_files = bad_run_files = None
+    if RUN_FILES_MANIFEST in entries:
+        try:
+            url = location.url_of(RUN_FILES_MANIFEST)
+            run_files = Manifest.from_payload(_read_payload(location, RUN_FILES_MANIFEST), name=url)
+            _check_run_files(run_files, url)
+        except IntegrityError as exc:
+            run_files, bad_run_files = None, BadManifest(RUN_FILES_MANIFEST, None, None, exc)
+    return RemoteView(location, entries, manifests, bad, True, run_files, bad_run_files)
+
+
+def _read_payload(location: Location, path: str) -> Any:
+    """One manifest object's parsed JSON (validated by ``Manifest.from_payload`` after, so that a bad one's step
+    can still be reported)."""
+    # IntegrityError covers a FIFO or a link in its place and one over the size cap (storage.location).
+    data = location.read_bytes(path, max_bytes=MAX_MANIFEST_BYTES)
+    return parse_manifest_json(data, name=location.url_of(path))
+
+
+def _check_run_files(manifest: Manifest, url: str) -> None:
+    """The run-files manifest describes the run itself, never a checkpoint: anything else is not one."""
+    if (manifest.unit, manifest.kind, manifest.layout, manifest.step) != ("", "dir", RUN_FILES_LAYOUT, None):
+        raise IntegrityError(f"{url}: not a run-files manifest (unit, kind, layout or step)", url=url)
 
 
 @dataclass(frozen=True)
@@ -459,26 +493,34 @@ def check_manifest(
     GCS ``info``: one request a file) or, where it keeps none, the object read back and hashed."""
     problems: list[str] = []
     size_only = False
-    for item in manifest.files:
-        entry = view.entries.get(item.path)
-        if entry is None:
-            problems.append(f"{item.path}: missing on the store")
-            continue
-        if entry.size != item.size:
-            problems.append(f"{item.path}: {entry.size} bytes on the store, {item.size} in the manifest")
-            continue
-        if reread and data is None and is_s3(view.location):
-            from ckptctl.storage.transfer import open_data_path
+    if reread and data is None and is_s3(view.location):
+        from ckptctl.storage.transfer import open_data_path
 
-            data = open_data_path(view.location, 4)
-        verdict = _compare(view.location, item, entry, reread, data)
-        if verdict is _UNKNOWN:
-            size_only = True
-        elif verdict is not None:
-            problems.append(f"{item.path}: {verdict}")
+        data = open_data_path(view.location, 4)  # one client for every file's request
+    for item in manifest.files:
+        check = check_file(view, item, reread=reread, data=data)
+        problems += check.problems
+        size_only = size_only or check.state == "size-only"
     if problems:
         return Check("bad", tuple(problems))
     return Check("size-only" if size_only else "verified")
+
+
+def check_file(
+    view: RemoteView, item: ManifestFile, *, reread: bool = False, data: S3DataPath | None = None
+) -> Check:
+    """``check_manifest`` for one file: run files are restored and reported one by one, not as a whole."""
+    entry = view.entries.get(item.path)
+    if entry is None:
+        return Check("bad", (f"{item.path}: missing on the store",))
+    if entry.size != item.size:
+        return Check("bad", (f"{item.path}: {entry.size} bytes on the store, {item.size} in the manifest",))
+    verdict = _compare(view.location, item, entry, reread, data)
+    if verdict is _UNKNOWN:
+        return Check("size-only")
+    if verdict is not None:
+        return Check("bad", (f"{item.path}: {verdict}",))
+    return Check("verified")
 
 
 _UNKNOWN = "unknown"

@@ -10,6 +10,12 @@ Nothing is written through a link (``storage.atomic``): a link, a file or anothe
 folder, one of its sub-folders or a download goes is refused. A DEST that is, contains or lies inside a local
 remote run is refused before anything is read or written. Files get the mode ``open()`` gives under the umask:
 manifests record no mode, so a pulled file does not get back the one it had when pushed.
+
+``pull_run`` of every checkpoint (``--all``) then restores the run's own files (``tiering.run_files``) from their
+manifest: after the checkpoints they describe, each verified the same way, assembled in
+``DEST/.run-files.ckptctl-partial`` and linked into place under its name, which never replaces a file: a local
+file that is there and differs is kept and reported, never overwritten. One run file that fails verification
+fails alone (the others still come).
 """
 
 from __future__ import annotations
@@ -41,19 +47,23 @@ from ckptctl.storage.atomic import (
     make_folders_below,
     partial_folder,
     prepare_partial_folder,
+    remove_no_follow,
 )
 from ckptctl.storage.location import Location, refuse_overlap
 from ckptctl.storage.s3_data import S3DataPath
 from ckptctl.storage.transfer import digest_local_file, download, open_data_path
 from ckptctl.tiering.manifest import (
+    RUN_FILES_MANIFEST,
     BadManifest,
     Manifest,
     ManifestFile,
     RemoteView,
+    check_file,
     check_manifest,
     remote_view,
 )
 from ckptctl.tiering.pointers import PointerCopy, pull_pointers
+from ckptctl.tiering.run_files import RUN_FILES_PARTIAL, refused_reason
 
 
 @dataclass
@@ -63,6 +73,28 @@ class PullResult:
     downloaded_bytes: int
     reused_bytes: int
     seconds: float
+
+
+@dataclass
+class RunFilesPull:
+    """What ``pull_run`` did with the run's own files."""
+
+    restored: list[str] = field(default_factory=list)
+    present: list[str] = field(default_factory=list)
+    """Already in DEST with the pushed bytes: left as they are."""
+    kept: list[tuple[str, str]] = field(default_factory=list)
+    """(path, why): something else is in DEST at that name (another version, a link, a folder): kept."""
+    failed: list[tuple[str, CkptctlError]] = field(default_factory=list)
+    """Not restored: the store's copy does not match the manifest (or the manifest does not validate)."""
+    downloaded_bytes: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "restored": list(self.restored),
+            "present": list(self.present),
+            "kept": [{"path": path, "reason": why} for path, why in self.kept],
+            "failed": [{"path": path, "code": e.code, "message": e.message} for path, e in self.failed],
+        }
 
 
 @dataclass
@@ -76,10 +108,14 @@ class RunPullResult:
     pointers: list[PointerCopy] = field(default_factory=list)  # pointer files written back (``latest``...)
     corrupt: list[BadManifest] = field(default_factory=list)
     """Checkpoints asked for whose manifest does not validate: failures too, nothing written for them."""
+    run_files: RunFilesPull | None = None
+    """The run's own files (``--all`` only; None when the store has no run-files manifest)."""
 
     @property
     def downloaded_bytes(self) -> int:
-        return sum(r.downloaded_bytes for r in self.pulled)
+        return sum(r.downloaded_bytes for r in self.pulled) + (
+            self.run_files.downloaded_bytes if self.run_files else 0
+        )
 
 
 def pick_manifest(view: RemoteView, step: int | None, latest: bool) -> Manifest:
@@ -181,7 +217,8 @@ def pull_run(
     A checkpoint whose path already exists under ``dest_root`` is left alone; one whose remote copy is corrupt is
     reported in ``failed`` (in ``corrupt`` when its manifest itself does not validate) and the others still come.
     Unknown steps are refused before anything is written.
-    Pointer files (``latest``) come back where what they name is now there and no local pointer is.
+    Pointer files (``latest``) come back where what they name is now there and no local pointer is. With every
+    step (``steps`` None) the run's own files come last (``RunFilesPull``); with some steps they do not.
     """
     _refuse_dest_in_remote(remote, dest_root)
     view = _existing_view(remote)
@@ -189,7 +226,8 @@ def pull_run(
     if steps is None:
         chosen = list(view.manifests.values())
         corrupt = list(view.bad_manifests.values())
-        _refuse_nothing_tiered(view)
+        if view.run_files is None and view.bad_run_files is None:
+            _refuse_nothing_tiered(view)
     else:
         chosen = []
         for step in sorted(steps):
@@ -202,7 +240,7 @@ def pull_run(
     chosen.sort(key=lambda m: (m.step is None, m.step or 0, m.unit))
     started = time.monotonic()
     result = RunPullResult([], [], [], 0.0, corrupt=corrupt)
-    data = open_data_path(remote, jobs) if chosen else None  # one client for the run
+    data = open_data_path(remote, jobs) if chosen or view.run_files else None  # one client for the run
     for manifest in chosen:
         dest = os.path.join(os.path.abspath(dest_root), *manifest.unit.split("/"))
         if os.path.lexists(dest):
@@ -216,6 +254,8 @@ def pull_run(
             result.failed.append((manifest, exc))
     sound = {m.unit for m in chosen} - {m.unit for m, _ in result.failed}
     result.pointers = pull_pointers(view, dest_root, sound)
+    if steps is None and (view.run_files is not None or view.bad_run_files is not None):
+        result.run_files = _pull_run_files(remote, view, dest_root, jobs, on_bytes, data)
     result.seconds = time.monotonic() - started
     return result
 
@@ -262,36 +302,7 @@ def _pull_unit(
 
         def fetch(item: ManifestFile) -> tuple[int, int]:
             target = _local_target(manifest, temp, item.path)
-            make_folders_below(temp, os.path.relpath(os.path.dirname(target), temp).split(os.sep))
-            if _reusable(target, item):
-                progress(item.size)
-                return 0, item.size
-            got = download(
-                remote,
-                item.path,
-                target,
-                size=item.size,
-                md5_part_size=item.md5_part_size,
-                on_bytes=progress,
-                jobs=jobs,
-                data=data,
-            )
-            if not item.matches(got):
-                with contextlib.suppress(OSError):
-                    os.unlink(target)
-                raise ChecksumMismatchError(
-                    f"{remote.url_of(item.path)}: downloaded bytes have {item.shown(got)}, the manifest says "
-                    f"{item.shown()}",
-                    url=remote.url_of(item.path),
-                    hint="the remote copy is corrupt; re-run tier push from a machine that still has it",
-                )
-            if item.mode is not None:
-                # As tar does for a user: the recorded bits, less the puller's umask (a manifest is remote input
-                # and never makes a file writable by more people than the user's own files are).
-                os.chmod(target, item.mode & ~current_umask())
-            if item.mtime is not None:
-                os.utime(target, (item.mtime, item.mtime), follow_symlinks=False)
-            return item.size, 0
+            return _fetch_file(remote, item, temp, target, jobs, data, progress)
 
         # Files side by side; a big S3 object's ranges on a pool of their own (``S3DataPath.download``), so a
         # file waiting for its ranges never holds a slot that they need.
@@ -307,6 +318,171 @@ def _pull_unit(
             raise mapped from exc
         raise
     return PullResult(manifest, dest, downloaded, reused, time.monotonic() - started)
+
+
+def _fetch_file(
+    remote: Location,
+    item: ManifestFile,
+    temp: str,
+    target: str,
+    jobs: int,
+    data: S3DataPath | None,
+    progress: Callable[[int], None],
+) -> tuple[int, int]:
+    """Download one file to ``target`` inside the partial folder ``temp``, hashed as it is written, and give it
+    the recorded mode and time; returns (bytes downloaded, bytes reused from an interrupted pull). Bytes that do
+    not match the manifest are removed and raise ChecksumMismatchError."""
+    make_folders_below(temp, os.path.relpath(os.path.dirname(target), temp).split(os.sep))
+    if _reusable(target, item):
+        progress(item.size)
+        return 0, item.size
+    got = download(
+        remote,
+        item.path,
+        target,
+        size=item.size,
+        md5_part_size=item.md5_part_size,
+        on_bytes=progress,
+        jobs=jobs,
+        data=data,
+    )
+    if not item.matches(got):
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        raise ChecksumMismatchError(
+            f"{remote.url_of(item.path)}: downloaded bytes have {item.shown(got)}, the manifest says "
+            f"{item.shown()}",
+            url=remote.url_of(item.path),
+            hint="the remote copy is corrupt; re-run tier push from a machine that still has it",
+        )
+    if item.mode is not None:
+        # As tar does for a user: the recorded bits, less the puller's umask (a manifest is remote input and
+        # never makes a file writable by more people than the user's own files are).
+        os.chmod(target, item.mode & ~current_umask())
+    if item.mtime is not None:
+        os.utime(target, (item.mtime, item.mtime), follow_symlinks=False)
+    return item.size, 0
+
+
+def _pull_run_files(
+    remote: Location,
+    view: RemoteView,
+    dest_root: str,
+    jobs: int,
+    on_bytes: Callable[[int], None] | None,
+    data: S3DataPath | None,
+) -> RunFilesPull:
+    """Restore the files the run-files manifest lists under ``dest_root`` (see the module docstring): each one
+    checked against the listing, downloaded and verified in the partial folder, then linked to its name only
+    where nothing is; a file already there is compared, never replaced."""
+    result = RunFilesPull()
+    if view.bad_run_files is not None:
+        result.failed.append((RUN_FILES_MANIFEST, view.bad_run_files.error))
+    manifest = view.run_files
+    if manifest is None:
+        return result
+    root = os.path.abspath(dest_root)
+    todo: list[ManifestFile] = []
+    for item in manifest.files:
+        why = refused_reason(item.path, set(view.manifests))
+        check = check_file(view, item)
+        if why is not None or not check.ok:
+            result.failed.append((item.path, _run_file_error(remote, item, why or check.problems[0])))
+            continue
+        target = os.path.join(root, *item.path.split("/"))
+        there = _already_there(target, item)
+        if there is None:
+            todo.append(item)
+        elif there == "":
+            result.present.append(item.path)
+        else:
+            result.kept.append((item.path, there))
+    if not todo:
+        return result
+    temp = partial_folder(os.path.join(root, RUN_FILES_PARTIAL))
+    progress = on_bytes or (lambda n: None)
+    current_umask()  # read here, before the download threads start
+    try:
+        prepare_partial_folder(temp, resume=True)
+
+        def fetch(item: ManifestFile) -> tuple[ManifestFile, int | IntegrityError]:
+            try:
+                staged = os.path.join(temp, *item.path.split("/"))
+                return item, _fetch_file(remote, item, temp, staged, jobs, data, progress)[0]
+            except IntegrityError as exc:  # this file only: the others still come
+                return item, exc
+
+        with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="ckptctl-pull") as pool:
+            fetched = list(pool.map(fetch, todo))
+        for item, got in fetched:
+            if isinstance(got, IntegrityError):
+                result.failed.append((item.path, got))
+                continue
+            result.downloaded_bytes += got
+            staged = os.path.join(temp, *item.path.split("/"))
+            why = _place(staged, root, item.path)
+            if why is None:
+                result.restored.append(item.path)
+            else:
+                result.kept.append((item.path, why))
+        remove_no_follow(temp)
+    except OSError as exc:
+        shutil.rmtree(temp, ignore_errors=True)  # never follows a link, so never removes one's target
+        mapped = disk_error(exc, root)
+        if mapped is not None:
+            raise mapped from exc
+        raise
+    return result
+
+
+def _run_file_error(remote: Location, item: ManifestFile, why: str) -> IntegrityError:
+    return IntegrityError(
+        f"run file {item.path}: {why}",
+        url=remote.url_of(item.path),
+        hint="re-run tier push from a machine that still has the run to repair it",
+    )
+
+
+def _already_there(target: str, item: ManifestFile) -> str | None:
+    """None when nothing is at ``target``; "" when the pushed file is (same bytes); else why what is there is
+    kept (a local file is never overwritten by a pull)."""
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return "a file stands where one of its folders goes: kept"
+    if stat.S_ISLNK(info.st_mode):
+        return "a symbolic link is there: kept, never written through"
+    if not stat.S_ISREG(info.st_mode):
+        return "something that is not a regular file is there: kept"
+    if info.st_size == item.size and item.matches(digest_local_file(target, item.md5_part_size)):
+        return ""
+    return "the local file differs from the pushed one: kept (pull never overwrites a local file)"
+
+
+def _place(staged: str, root: str, rel: str) -> str | None:
+    """Give the verified ``staged`` file its name ``root/rel`` without ever replacing what is there: a hard link
+    (refused by the kernel if the name exists), or where links are not supported a rename after a check. Returns
+    None once placed, else why it was not (then ``staged`` is left for the partial folder's removal)."""
+    parts = rel.split("/")
+    try:
+        folder = make_folders_below(root, parts[:-1])
+    except UnsafeTargetError as exc:
+        return f"{exc.message}: kept"
+    target = os.path.join(folder, parts[-1])
+    try:
+        os.link(staged, target)
+    except FileExistsError:
+        return "something appeared at its name during the pull: kept"
+    except OSError:  # no hard links here (some FUSE and network file systems)
+        if os.path.lexists(target):
+            return "something appeared at its name during the pull: kept"
+        os.rename(staged, target)
+    else:
+        os.unlink(staged)
+    fsync_folder(folder)
+    return None
 
 
 def _reusable(target: str, item: ManifestFile) -> bool:

@@ -6,7 +6,8 @@ abort multipart uploads an interrupted push left under the unit; upload data fil
 (a remote listing never shows a complete-looking unit with data missing); list the unit again and compare every
 object with what was sent (size and the store's checksum, or a re-read where the store has none); check the
 local files did not change meanwhile; write the manifest. Pointer files (``latest``) go after every unit, and
-only those naming a tiered unit. Freeing goes through prune's machinery
+only those naming a tiered unit. The run's own files (config.json, tokenizer, metrics, logs: ``run_files``) go
+next, through the same upload and verification, their manifest last. Freeing goes through prune's machinery
 (``retention.plan.execute``: re-validation, journal, markers first) under the run lock, and only for units whose
 manifest a fresh listing has just verified.
 """
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from ckptctl.catalog.model import Status, Unit
 from ckptctl.catalog.scan import scan_run
@@ -28,7 +29,7 @@ from ckptctl.errors import ChecksumMismatchError, CkptctlError, RefusedError, So
 from ckptctl.retention.plan import COMPLETION_MARKERS, PrunePlan, PruneResult, execute, plan_prune
 from ckptctl.retention.policy import Decision, Policy
 from ckptctl.storage.checksums import Digest
-from ckptctl.storage.location import Location, refuse_overlap
+from ckptctl.storage.location import FileEntry, Location, refuse_overlap
 from ckptctl.storage.lock import Lease
 from ckptctl.storage.s3_data import S3DataPath
 from ckptctl.storage.transfer import (
@@ -43,6 +44,7 @@ from ckptctl.storage.transfer import (
 )
 from ckptctl.tiering.manifest import (
     MAX_MANIFEST_BYTES,
+    RUN_FILES_MANIFEST,
     Manifest,
     ManifestFile,
     RemoteView,
@@ -52,6 +54,7 @@ from ckptctl.tiering.manifest import (
     remote_view,
 )
 from ckptctl.tiering.pointers import PointerCopy, push_pointers
+from ckptctl.tiering.run_files import Skipped, file_mode, local_run_files, plan_run_files
 
 EventSink = Callable[..., None]
 
@@ -90,6 +93,35 @@ class UnitOutcome:
 
 
 @dataclass
+class RunFilesPush:
+    """What a push did with the run's own files (``run_files``)."""
+
+    sent: list[tuple[str, int]] = field(default_factory=list)
+    """Files uploaded and verified, with the bytes sent (0: the store already held those bytes)."""
+    unchanged: int = 0
+    would_send: list[str] = field(default_factory=list)
+    """A dry run: the files a push would send."""
+    skipped: tuple[Skipped, ...] = ()
+    """Links, non-regular files and folders over the bounds: never pushed."""
+    changed_while_sent: list[str] = field(default_factory=list)
+    failed: str | None = None
+    """Why the run files were not (all) recorded this time; the store's manifest still matches its objects."""
+    manifest_written: bool = False
+    aborted_uploads: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sent": [{"path": path, "bytes": sent} for path, sent in self.sent],
+            "unchanged": self.unchanged,
+            "would_send": list(self.would_send),
+            "skipped": [s.to_dict() for s in self.skipped],
+            "changed_while_sent": list(self.changed_while_sent),
+            "failed": self.failed,
+            "manifest_written": self.manifest_written,
+        }
+
+
+@dataclass
 class PushResult:
     outcomes: list[UnitOutcome] = field(default_factory=list)
     freed: PruneResult | None = None
@@ -101,6 +133,7 @@ class PushResult:
     """S3: the store's checksum level detected on the first file (``storage.s3_data``: A, B or C)."""
     notes: list[str] = field(default_factory=list)
     """Said once per run (a store that rejects checksum headers, say)."""
+    run_files: RunFilesPush = field(default_factory=RunFilesPush)
 
     @property
     def failed(self) -> list[UnitOutcome]:
@@ -203,6 +236,12 @@ def push(
     result.pointers = push_pointers(local, remote, scan, tiered, dry_run=options.dry_run)
     for copy in result.pointers:
         emit("pointer", unit=scan.unit(copy.target), detail=copy.source)
+    result.run_files = _push_run_files(local, remote, view, options, emit, on_bytes, data_path, guard)
+    result.aborted_uploads += result.run_files.aborted_uploads
+    result.notes += [
+        f"run file {rel} changed while it was sent: the remote copy is what was read; the next push sends it again"
+        for rel in result.run_files.changed_while_sent
+    ]
     if options.free_policy is not None:
         if not options.dry_run:
             guard()
@@ -295,43 +334,51 @@ def _push_unit(
         ):
             done[item[0].rel] = item[0]
             sent += item[1]
-    _verify_unit(remote, unit, done, data_path)
+    _verify_uploaded(remote, done, _fresh_listing(remote, unit), data_path)
     _check_unchanged(local, unit)
     manifest = Manifest(
         unit=unit.path,
         kind=unit.kind,
         step=unit.step,
         layout=unit.layout.value,
-        files=tuple(
-            ManifestFile(
-                f.path,
-                done[f.path].size,
-                None,
-                done[f.path].part_size,
-                plausible_timestamp(f.mtime),
-                done[f.path].digest.crc64nvme_b64,
-                done[f.path].digest.crc32c_b64,
-                done[f.path].etag,
-                _mode(local, f.path),
-            )
-            for f in unit.files
-        ),
+        files=tuple(_manifest_file(local, f.path, f.mtime, done[f.path]) for f in unit.files),
         source=local.url,
         store_level=_weakest({u.level for u in done.values()}),
     )
-    rel = manifest_rel(unit.path)
+    _commit_manifest(remote, manifest_rel(unit.path), manifest, guard, unit.path or ".")
+    return sent, aborted
+
+
+def _manifest_file(local: Location, rel: str, mtime: float | None, sent: Uploaded) -> ManifestFile:
+    """A manifest's record of one uploaded, verified file: what was sent, the local time and mode."""
+    return ManifestFile(
+        rel,
+        sent.size,
+        None,
+        sent.part_size,
+        plausible_timestamp(mtime),
+        sent.digest.crc64nvme_b64,
+        sent.digest.crc32c_b64,
+        sent.etag,
+        file_mode(local, rel),
+    )
+
+
+def _commit_manifest(
+    remote: Location, rel: str, manifest: Manifest, guard: Callable[[], None], what: str
+) -> None:
+    """Write a manifest (the commit of what it lists) once the lease is checked, never one that pull and status
+    would refuse (too large to read, a local name they cannot take)."""
     encoded = manifest.encode()
     if len(encoded) > MAX_MANIFEST_BYTES:
         raise RefusedError(
-            f"{unit.path}: its manifest would be {len(encoded):,} bytes, over the {MAX_MANIFEST_BYTES:,} a pull "
+            f"{what}: its manifest would be {len(encoded):,} bytes, over the {MAX_MANIFEST_BYTES:,} a pull "
             "reads; not tiered",
             url=remote.url_of(rel),
         )
-    # Never write a manifest that pull and status would refuse (a local name they cannot take, say).
     Manifest.decode(encoded, name=remote.url_of(rel))
     guard()
     remote.write_bytes(rel, encoded)
-    return sent, aborted
 
 
 def _transfer_batch(
@@ -379,16 +426,6 @@ def _named(name: str, digest: Digest) -> tuple[str, str]:
     return name, digest.crc64nvme_b64 if name == "crc64nvme" else digest.crc32c_b64
 
 
-def _mode(local: Location, rel: str) -> int | None:
-    """The permission bits a pull gives back (a local run only; a link was refused before upload)."""
-    if not local.is_local:
-        return None
-    try:
-        return os.lstat(local.full_path(rel)).st_mode & 0o777
-    except OSError:
-        return None
-
-
 def _weakest(levels: set[str | None]) -> str | None:
     """A unit's level: that of its least verified file (None when a file was verified by a re-read only)."""
     if not levels or None in levels:
@@ -396,16 +433,19 @@ def _weakest(levels: set[str | None]) -> str | None:
     return min((str(level) for level in levels), key=_LEVEL_RANK.index)
 
 
-def _verify_unit(
-    remote: Location, unit: Unit, done: dict[str, Uploaded], data_path: S3DataPath | None
-) -> None:
-    """List what the store holds for the unit now and compare it with what was sent: sizes, the ETag the
-    upload answered with, and, where the store checked nothing itself (level None), a re-read."""
+def _fresh_listing(remote: Location, unit: Unit) -> dict[str, FileEntry]:
+    """What the store holds for the unit now, by path in the run (one listing, or one stat for a file)."""
     if unit.kind == "dir":
         prefix = f"{unit.path}/"
-        fresh = {prefix + e.path: e for e in remote.child(unit.path).walk() if e.type == "file"}
-    else:
-        fresh = {unit.path: remote.stat(unit.path)}
+        return {prefix + e.path: e for e in remote.child(unit.path).walk() if e.type == "file"}
+    return {unit.path: remote.stat(unit.path)}
+
+
+def _verify_uploaded(
+    remote: Location, done: dict[str, Uploaded], fresh: dict[str, FileEntry], data_path: S3DataPath | None
+) -> None:
+    """Compare a listing made after the uploads with what was sent: sizes, the ETag the upload answered with,
+    and, where the store checked nothing itself (level None), a re-read."""
     for rel, sent in done.items():
         entry = fresh.get(rel)
         if entry is None or entry.size != sent.size:
@@ -441,6 +481,86 @@ def _check_unchanged(local: Location, unit: Unit) -> None:
                 f"{local.url_of(item.path)} changed during the upload; {unit.path} was not tiered "
                 "(re-run once the trainer is done with it)"
             )
+
+
+def _push_run_files(
+    local: Location,
+    remote: Location,
+    view: RemoteView,
+    options: PushOptions,
+    emit: EventSink,
+    on_bytes: Callable[[str, int], None] | None,
+    data_path: S3DataPath | None,
+    guard: Callable[[], None],
+) -> RunFilesPush:
+    """Send the run's changed and new files and record them in the run-files manifest, in the order the
+    ``run_files`` docstring gives (manifest less what is overwritten, uploads, verification, manifest). A failure
+    that is not fatal to the push is reported (``failed``) and leaves the store's manifest matching its objects;
+    the next push sends what is missing. ``view`` is the listing made at the start: the lease kept any other
+    push from changing these objects since."""
+    plan = plan_run_files(local, view, local_run_files(local, settle_seconds=options.settle_seconds))
+    outcome = RunFilesPush(unchanged=len(plan.kept), skipped=plan.skipped)
+    if options.dry_run:
+        outcome.would_send = [e.path for e in plan.send]
+        return outcome
+    done: dict[str, Uploaded] = {}
+
+    def progress(n: int) -> None:
+        if on_bytes:
+            on_bytes("(run files)", n)
+
+    try:
+        if plan.replaced:
+            interim = plan.interim()
+            guard()
+            if interim is None:
+                remote.delete_files([RUN_FILES_MANIFEST], verify=False)
+            else:
+                _commit_manifest(remote, RUN_FILES_MANIFEST, interim, guard, "the run files")
+        if plan.send:
+            guard()
+            # A killed push's multipart uploads of run files (the whole run's, once: unit prefixes do not cover
+            # the run root); one of a file unchanged since is spared and resumed (``abort_stale_uploads``).
+            outcome.aborted_uploads = abort_stale_uploads(remote, "")
+            rels = [e.path for e in plan.send]
+            for uploaded, sent in _transfer_batch(local, remote, view, rels, options, progress, data_path):
+                done[uploaded.rel] = uploaded
+                outcome.sent.append((uploaded.rel, sent))
+            fresh = {e.path: e for e in remote.walk() if e.type == "file"}
+            _verify_uploaded(remote, done, fresh, data_path)
+        listed = {e.path: e for e in plan.send}
+        outcome.changed_while_sent = [rel for rel in done if _changed(local, listed[rel])]
+        levels = {u.level for u in done.values()}
+        if plan.previous is not None and (plan.kept or plan.remote_only):
+            levels.add(plan.previous.store_level)
+        manifest = plan.manifest(
+            (_manifest_file(local, rel, listed[rel].mtime, up) for rel, up in done.items()),
+            source=local.url,
+            store_level=_weakest(levels),
+        )
+        if manifest is not None and plan.needs_write(manifest):
+            _commit_manifest(remote, RUN_FILES_MANIFEST, manifest, guard, "the run files")
+            outcome.manifest_written = True
+    except (CkptctlError, OSError) as exc:
+        if isinstance(exc, CkptctlError) and _fatal(exc):
+            raise
+        outcome.failed = exc.message if isinstance(exc, CkptctlError) else f"{type(exc).__name__}: {exc}"
+        outcome.sent = []  # not recorded: the next push sends them again
+        emit("failed", unit=None, detail=f"run files: {outcome.failed}")
+        return outcome
+    for rel, sent in outcome.sent:
+        emit("run-file", unit=None, bytes=sent, detail=rel)
+    return outcome
+
+
+def _changed(local: Location, entry: FileEntry) -> bool:
+    """Whether a run file is no longer what was listed before it was sent (a log still being written): its
+    record then keeps the listed time, so the next push sees the change and sends it again."""
+    try:
+        info = os.stat(local.full_path(entry.path))
+    except FileNotFoundError:
+        return True
+    return info.st_size != entry.size or (entry.mtime is not None and abs(info.st_mtime - entry.mtime) > 1e-6)
 
 
 def _free_local(

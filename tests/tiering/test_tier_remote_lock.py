@@ -55,13 +55,13 @@ def test_a_push_that_loses_its_remote_lease_stops_before_the_next_manifest(
             other = {"host": "elsewhere", "pid": 1, "token": "theirs", "expires": time.time() + 3600}
             remote.fs.pipe_file(remote.full_path(LOCK_NAME), json.dumps(other).encode())
             taken.append(True)
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 10  # a renewal comes every third of the 2 s lease, even under load
             while not lease.lost and time.monotonic() < deadline:
                 time.sleep(0.05)
 
     with (
         pytest.raises(LockedError, match="took over its lease"),
-        push_locks(local, remote, lease_seconds=0.6) as held,
+        push_locks(local, remote, lease_seconds=2.0) as held,
     ):
         lease = held.lease
         push(local, remote, PushOptions(settle_seconds=0, jobs=2), on_event=on_event, lease=lease)

@@ -113,6 +113,13 @@ def push(
     there and verified and finishes the rest; multipart uploads an interrupted run left are aborted. The run's
     pointer files (DeepSpeed latest, Megatron's tracker) follow once the checkpoint they name is tiered.
 
+    Then the run's own files (every regular file in no checkpoint: config.json, tokenizer files, eval.jsonl,
+    logs/...) go the same verified way, only those new or changed since the last push, and their manifest
+    (.ckptctl-tier/run-files.manifest) last. ckptctl's own files and pointer files are not among them; links and
+    special files are skipped and reported, and so is a top-level folder of more than 2,000 files or 2 GiB (and
+    whatever would take the run past 10,000 files or 8 GiB). Run files are never freed locally, and one removed
+    locally stays on the remote.
+
     With --keep-local-last/--keep-local-best, local copies are then freed, but only of checkpoints whose remote
     copy a fresh listing verifies, and never the newest complete one, one a pointer names, a pinned or an
     incomplete one (prune's rules and its crash-safe deletion). At a terminal it asks before freeing (--yes
@@ -165,6 +172,13 @@ def push(
     def on_event(kind: str, *, unit: Any, bytes: int = 0, seconds: float = 0.0, detail: str = "") -> None:
         if kind == "start":
             return
+        if unit is None:  # the run's own files
+            if kind == "run-file":
+                out.event(kind, path=detail, bytes=bytes)
+                out.info(f"uploaded run file {detail} ({format_bytes(bytes)})")
+            else:
+                out.warn(f"{kind} {detail}")
+            return
         if kind == "pointer":
             out.event(kind, path=detail, target=unit.path, dry_run=dry_run)
             out.info(f"{'would point' if dry_run else 'pointed'} {detail} at {unit.path}")
@@ -199,6 +213,12 @@ def push(
         result = run_push(local, remote, push_options, on_event=on_event, on_bytes=advance, lease=lease)
     for note in result.notes:  # said once per run, e.g. a store that refuses checksum headers
         out.warn(note)
+    run_files = result.run_files
+    for skipped in run_files.skipped:
+        out.warn(f"run file {skipped.path} not pushed: {skipped.reason}")
+    if dry_run and run_files.would_send:
+        shown = ", ".join(run_files.would_send[:5]) + (", ..." if len(run_files.would_send) > 5 else "")
+        out.info(f"would upload {len(run_files.would_send)} run file(s): {shown}")
     plan = result.free_plan
     if plan is not None:
         for decision in plan.decisions:
@@ -225,6 +245,7 @@ def push(
         pointers=[p.source for p in result.pointers],
         store_level=result.store_level,
         notes=list(result.notes),
+        run_files=run_files.to_dict(),
     )
     if dry_run:
         out.info(
@@ -236,12 +257,14 @@ def push(
             f"{counts['uploaded']} uploaded ({format_bytes(result.uploaded_bytes)}), {counts['already']} already "
             f"tiered, {len(freed)} freed locally"
             + (f", {counts['failed']} failed" if counts["failed"] else "")
+            + f"; run files: {len(run_files.sent)} uploaded, {run_files.unchanged} unchanged"
         )
     failed_frees = result.freed.failed if result.freed else []
-    if result.failed or failed_frees:
+    if result.failed or failed_frees or run_files.failed:
         raise PartialFailureError(
-            f"{len(result.failed)} checkpoint(s) not tiered, {len(failed_frees)} not fully freed; a re-run "
-            "finishes them",
+            f"{len(result.failed)} checkpoint(s) not tiered, {len(failed_frees)} not fully freed"
+            + (f", run files not recorded ({run_files.failed})" if run_files.failed else "")
+            + "; a re-run finishes them",
             url=remote.url,
         )
 
@@ -274,10 +297,16 @@ def pull(
     left alone, so a re-run finishes an interrupted restore. The remote run's pointer files (DeepSpeed latest)
     come too where the checkpoint they name is now in DEST and DEST has no such pointer of its own.
 
+    --all then restores the run's own files that push recorded (config.json, tokenizer files, eval.jsonl,
+    logs/...), after the checkpoints, each verified. A local file already at one of their names is never
+    overwritten: if it differs it is kept and reported (a warning, not a failure). --step, --latest and --steps
+    restore no run files.
+
     Each download goes to a hidden .NAME.ckptctl-partial folder beside its final name, which appears only once
     every file matches the manifest. A re-run after an interruption keeps the files already verified. A remote
     copy that does not match its manifest, or whose manifest does not validate, is refused (exit 8; with
-    --steps/--all it is reported and the others still come, exit 5) before or while downloading.
+    --steps/--all it is reported and the others still come, exit 5) before or while downloading; so is a run
+    file (--all: exit 5).
 
     Exit codes: 0 done, 1 disk full or store unreachable, 2 DEST is, contains or lies inside a local remote run,
     3 not tiered / not found, 4 DEST exists (or a link or foreign file where a partial file goes), 5 some of
@@ -402,6 +431,12 @@ def _report_run_pull(out: Any, url: str, dest: str, many: Any) -> None:
         {"unit": b.shown, "step": b.step, "code": b.error.code, "message": b.error.message}
         for b in many.corrupt
     ]
+    run_files = many.run_files
+    if run_files is not None:
+        failed += [
+            {"unit": path, "step": None, "code": e.code, "message": e.message, "run_file": True}
+            for path, e in run_files.failed
+        ]
     data = {
         "remote": url,
         "dest": dest,
@@ -409,6 +444,7 @@ def _report_run_pull(out: Any, url: str, dest: str, many: Any) -> None:
         "present": present,
         "failed": failed,
         "pointers": [{"path": p.source, "target": p.target} for p in many.pointers],
+        "run_files": run_files.to_dict() if run_files is not None else None,
         "downloaded_bytes": many.downloaded_bytes,
         "seconds": round(many.seconds, 3),
     }
@@ -418,6 +454,13 @@ def _report_run_pull(out: Any, url: str, dest: str, many: Any) -> None:
         out.info(f"already present {record['unit']} (left alone)")
     for copy in many.pointers:
         out.info(f"wrote {copy.source} (names {copy.target})")
+    if run_files is not None:
+        for path, why in run_files.kept:
+            out.warn(f"run file {path}: {why}")
+        out.info(
+            f"run files: {len(run_files.restored)} restored, {len(run_files.present)} already there"
+            + (f", {len(run_files.kept)} kept as they were" if run_files.kept else "")
+        )
     rate = many.downloaded_bytes / many.seconds / 1e6 if many.seconds > 0 else 0.0
     out.info(
         f"{len(pulled)} pulled ({format_bytes(many.downloaded_bytes)}"
@@ -461,6 +504,10 @@ def status(
     the checkpoint was pushed: A (S3 stores and checks CRC64NVME), B (ignored them: Content-MD5 on every body,
     verified on pull), C (refused them: sent as B), crc32c (GCS), or - (local folders and memory://: re-read).
 
+    A last row, "run files (N)", sums up the run's own files (config.json, eval.jsonl, logs/...): REMOTE for
+    the copies the run-files manifest lists (corrupt: exit 8), LOCAL how many changed since they were pushed (by
+    size or time) or are not pushed yet.
+
     Examples:
 
       ckptctl tier status /nvme/run42 --remote s3://bucket/runs/run42
@@ -469,46 +516,70 @@ def status(
     from ckptctl.errors import IntegrityError
     from ckptctl.humanize import format_bytes, parse_duration
     from ckptctl.storage.location import Location, parse_storage_options
-    from ckptctl.tiering.status import tier_status
+    from ckptctl.tiering.status import run_status
 
     out = Output.start("tier status", json_mode=json_out, quiet=quiet)
     options = parse_storage_options(storage_option or [])
-    rows = tier_status(
+    found = run_status(
         Location.from_url(run),
         Location.from_url(remote_url, options),
         reread=verify,
         settle_seconds=parse_duration(settle),
     )
-    corrupt = [r for r in rows if r.remote == "corrupt"]
+    rows, run_files = found.units, found.run_files
+    corrupt: list[tuple[str, tuple[str, ...]]] = [
+        (r.path or ".", r.problems) for r in rows if r.remote == "corrupt"
+    ]
+    if run_files is not None and run_files.remote == "corrupt":
+        corrupt.append(("run files", run_files.problems))
     error = None
     if corrupt:
-        first = corrupt[0]
+        first, problems = corrupt[0]
         error = IntegrityError(
             f"{len(corrupt)} remote cop{'y is' if len(corrupt) == 1 else 'ies are'} corrupt: a manifest that does "
-            f"not validate, or objects that do not match it (first: {first.path or '.'}: "
-            f"{first.problems[0] if first.problems else 'corrupt'})",
+            f"not validate, or objects that do not match it (first: {first}: "
+            f"{problems[0] if problems else 'corrupt'})",
             url=remote_url,
         )
-    data = {"run": run, "remote": remote_url, "units": [r.to_dict() for r in rows]}
-    out.table(
-        ("STEP", "WHERE", "LOCAL", "REMOTE", "CHECKS", "SIZE", "PATH"),
+    data = {
+        "run": run,
+        "remote": remote_url,
+        "units": [r.to_dict() for r in rows],
+        "run_files": run_files.to_dict() if run_files is not None else None,
+    }
+    table = [
         (
+            str(row.step) if row.step is not None else "-",
+            row.where,
+            row.local or "-",
+            row.remote,
+            row.store_level or "-",
+            format_bytes(max(row.local_bytes, row.remote_bytes)),
+            row.path or ".",
+        )
+        for row in rows
+    ]
+    if run_files is not None:
+        table.append(
             (
-                str(row.step) if row.step is not None else "-",
-                row.where,
-                row.local or "-",
-                row.remote,
-                row.store_level or "-",
-                format_bytes(max(row.local_bytes, row.remote_bytes)),
-                row.path or ".",
+                "-",
+                run_files.where,
+                run_files.local_state,
+                run_files.remote,
+                run_files.store_level or "-",
+                format_bytes(max(run_files.local_bytes, run_files.remote_bytes)),
+                f"run files ({max(run_files.files, run_files.local_files)})",
             )
-            for row in rows
-        ),
-        right=("STEP", "SIZE"),
-    )
+        )
+    out.table(("STEP", "WHERE", "LOCAL", "REMOTE", "CHECKS", "SIZE", "PATH"), table, right=("STEP", "SIZE"))
     for row in rows:
         for problem in row.problems[:3]:
             out.warn(f"{row.path}: {problem}")
+    if run_files is not None:
+        for problem in run_files.problems[:3]:
+            out.warn(f"run files: {problem}")
+        for skipped in run_files.skipped[:3]:
+            out.warn(f"run file {skipped.path} not pushed: {skipped.reason}")
     if error is not None:
         out.fail(error, data)
     out.result(data)
