@@ -4,12 +4,17 @@ Generates a ~183M-parameter bf16 ZeRO checkpoint (stages 2 and 3, 2 ranks) with 
 shared/fixtures/zero/gen at bench time, then, cold cache (posix_fadvise DONTNEED on the inputs) before each run:
 ckptctl, zero_to_fp32 (in a scratch venv with DeepSpeed, never the project's), and the floor (read just the fp32
 master ranges + write + fsync, in one process). Prints wall time, peak RSS and ratios, and checks the outputs are
-equal tensor by tensor. Usage: python bench/consolidate.py [--ds-python PATH] [--keep DIR] [--case zero|dcp|all]
+equal tensor by tensor. Usage: python bench/consolidate.py [--ds-python PATH] [--keep DIR] [--case zero|dcp|remote|all]
+[--server moto|rgw]
 
 The DCP case (issue 17): an FSDP2 checkpoint in torchtitan's layout (model FQNs at the top level, AdamW state
 under ``optimizer``), 2 ranks, gloo, CPU, generated at bench time with this interpreter's torch at two model
 sizes. Against torch's ``dcp_to_torch_save`` plus writing its model tensors as safetensors (what users then do),
 and the floor (read the model's chunks + write + fsync). Peak RSS should not grow with the model.
+
+The remote case: the 20-layer DCP checkpoint uploaded to moto (or Ceph RGW, ``--server rgw``), converted with
+SRC on the store, OUT on the store, and both, against what users do without streaming: download the folder
+with boto3, convert it locally, upload the result with boto3.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ckptctl.formats.deepspeed import plan_zero
 from ckptctl.formats.sources import plan_source
 from ckptctl.formats.tensor_layout import Range
 from ckptctl.storage import Location
+from ckptctl.storage.writeback import write_at
 
 GEN = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "zero" / "gen" / "gen_ckpt.py"
 MODEL = [
@@ -92,16 +98,23 @@ def floor(checkpoint: Path, out: Path) -> float:
 
 
 def copy_ranges(checkpoint: Path, ranges: list[Range], out: Path) -> float:
-    """Seconds to read ``ranges`` (cold cache) into ``out`` and fsync it."""
+    """Seconds to read ``ranges`` (cold cache) into ``out`` and fsync it, written behind (``write_at``)."""
     evict(checkpoint)
     start = time.perf_counter()
     handles: dict[str, int] = {}
-    with out.open("wb") as sink:
+    sink = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        at = 0
         for piece in ranges:
             fd = handles.setdefault(piece.rel, os.open(checkpoint / piece.rel, os.O_RDONLY))
-            sink.write(os.pread(fd, piece.end - piece.start, piece.start))
-        sink.flush()
-        os.fsync(sink.fileno())
+            data = os.pread(fd, piece.end - piece.start, piece.start)
+            write_at(
+                sink, data, at
+            )  # queued for write-out at once, as ckptctl writes: the fsync finds little
+            at += len(data)
+        os.fsync(sink)
+    finally:
+        os.close(sink)
     for fd in handles.values():
         os.close(fd)
     return time.perf_counter() - start
@@ -174,7 +187,8 @@ def dcp_floor(checkpoint: Path, out: Path) -> float:
     return copy_ranges(checkpoint, [c.range for t in plan.tensors for c in t.chunks], out)
 
 
-def bench_dcp(root: Path, layers: int, width: int = 2048) -> None:
+def make_dcp(root: Path, layers: int, width: int = 2048) -> Path:
+    """The FSDP2 DCP checkpoint of ``layers`` x Linear(width, width) with AdamW state (made once per folder)."""
     ckpt = root / f"dcp-{layers}"
     if not (ckpt / ".metadata").exists():
         script = root / "gen_dcp.py"
@@ -184,6 +198,11 @@ def bench_dcp(root: Path, layers: int, width: int = 2048) -> None:
         print(
             f"generated DCP checkpoint ({layers} x Linear({width}, {width})) in {time.perf_counter() - t0:.0f}s"
         )
+    return ckpt
+
+
+def bench_dcp(root: Path, layers: int, width: int = 2048) -> None:
+    ckpt = make_dcp(root, layers, width)
     size = sum(p.stat().st_size for p in ckpt.iterdir())
     plan = plan_source(Location.from_url(str(ckpt)))
     params = sum(t.numel for t in plan.tensors)
@@ -210,13 +229,117 @@ def bench_dcp(root: Path, layers: int, width: int = 2048) -> None:
         path.unlink(missing_ok=True)
 
 
+REMOTE_YARDSTICK = """
+import sys, boto3
+from pathlib import Path
+endpoint, bucket, prefix, local, out_key, workdir = sys.argv[1:7]
+client = boto3.client("s3", endpoint_url=endpoint)
+stage = Path(workdir) / "staged"
+for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+    for item in page.get("Contents", []):
+        target = stage / item["Key"][len(prefix) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, item["Key"], str(target))
+import subprocess
+out = Path(workdir) / "converted.safetensors"
+subprocess.run([sys.executable, "-m", "ckptctl", "consolidate", str(stage), str(out), "--force", "--quiet"], check=True)
+client.upload_file(str(out), bucket, out_key)
+"""
+
+
+def bench_remote(root: Path, server_name: str, layers: int = 20) -> None:
+    """SRC, OUT and both on an S3 server (moto, or Ceph RGW with ``--server rgw``) against what users do without
+    ckptctl's streaming: download the folder with boto3, convert it locally, upload the result with boto3."""
+    import boto3
+
+    ckpt = make_dcp(root, layers)
+    if server_name == "rgw":
+        from bench.tier import Rgw
+
+        server = Rgw()
+    else:
+        from tests.conftest import start_moto
+
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        server = start_moto()
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    try:
+        client = boto3.client("s3", endpoint_url=server.endpoint)
+        client.create_bucket(Bucket="bench")
+        for path in sorted(ckpt.iterdir()):
+            client.upload_file(str(path), "bench", f"dcp/{path.name}")
+        src, local_out = "s3://bench/dcp", root / "remote-ours.safetensors"
+        endpoint = ["-o", f"endpoint_url={server.endpoint}"]
+        base = [sys.executable, "-m", "ckptctl", "consolidate"]
+        rows = []
+        evict(ckpt)
+        rows.append(("local SRC, local OUT", timed([*base, str(ckpt), str(local_out), "--force", "--quiet"])))
+        rows.append(
+            ("s3 SRC, local OUT", timed([*base, src, str(local_out), "--force", "--quiet", *endpoint]))
+        )
+        evict(ckpt)
+        rows.append(
+            (
+                "local SRC, s3 OUT",
+                timed(
+                    [*base, str(ckpt), "s3://bench/out1/model.safetensors", "--force", "--quiet", *endpoint]
+                ),
+            )
+        )
+        rows.append(
+            (
+                "s3 SRC, s3 OUT",
+                timed([*base, src, "s3://bench/out2/model.safetensors", "--force", "--quiet", *endpoint]),
+            )
+        )
+        script = root / "remote_yardstick.py"
+        script.write_text(REMOTE_YARDSTICK)
+        work = root / "yardstick"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        yardstick = timed(
+            [
+                sys.executable,
+                str(script),
+                server.endpoint,
+                "bench",
+                "dcp",
+                str(ckpt),
+                "out3/model.safetensors",
+                str(work),
+            ]
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        same = all(
+            client.get_object(Bucket="bench", Key=f"{key}/model.safetensors")["Body"].read()
+            == local_out.read_bytes()
+            for key in ("out1", "out2", "out3")
+        )
+        print(f"DCP on {server_name} ({layers} layers): consolidate with SRC and/or OUT on the store")
+        for title, (wall, rss) in rows:
+            print(f"  ckptctl {title:22s} {wall:6.2f}s  peak RSS {rss:6d} MB")
+        wall, rss = yardstick
+        print(f"  boto3 download + ckptctl + boto3 upload {wall:6.2f}s  peak RSS {rss:6d} MB  (no streaming)")
+        print(
+            f"  ratios: s3->s3 streamed / download+convert+upload {rows[3][1][0] / wall:.2f}x; "
+            f"s3->s3 / local->local {rows[3][1][0] / rows[0][1][0]:.2f}x; outputs identical: {same}"
+        )
+        local_out.unlink(missing_ok=True)
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--ds-python", help="a python with deepspeed==0.19.8 and torch (else a scratch venv is made)"
     )
     parser.add_argument("--keep", help="work in this folder and keep it")
-    parser.add_argument("--case", choices=("zero", "dcp", "all"), default="all")
+    parser.add_argument("--case", choices=("zero", "dcp", "remote", "all"), default="all")
+    parser.add_argument(
+        "--server", choices=("moto", "rgw"), default="moto", help="the S3 server of --case remote"
+    )
     args = parser.parse_args()
     root = Path(args.keep or tempfile.mkdtemp(prefix="ckptctl-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -224,7 +347,9 @@ def main() -> None:
         if args.case in ("dcp", "all"):
             for layers in (20, 40):
                 bench_dcp(root, layers)
-        if args.case == "dcp":
+        if args.case in ("remote", "all"):
+            bench_remote(root, args.server)
+        if args.case in ("dcp", "remote"):
             return
         ds_python = Path(args.ds_python) if args.ds_python else scratch_deepspeed(root)
         torchrun = ds_python.parent / "torchrun"
