@@ -15,6 +15,7 @@ from typing import Any
 
 from ckptctl.errors import IntegrityError, NotFoundError, NothingRecognisedError, UsageError
 from ckptctl.formats.dcp import inspect_dcp
+from ckptctl.formats.dcp_hf import inspect_dcp_hf, rank_piece_note, shard_folder
 from ckptctl.formats.deepspeed import inspect_deepspeed
 from ckptctl.formats.detect import Format, format_of_bytes, format_of_dir, format_of_name
 from ckptctl.formats.lightning import checkpoint_callback, lightning_meta
@@ -95,6 +96,11 @@ def _inspect_location(location: Location, *, verify: bool) -> Inspection:
         )
     entries = location.walk()
     files = [e for e in entries if e.type == "file"]
+    # Before format_of_dir: the HF writer's step folder holds a plain-looking shard index beside sharded/.
+    shards = shard_folder(e.path for e in files)
+    if shards is not None:
+        result = inspect_dcp_hf(location, entries, shards, verify=verify)
+        return _verify_other_files(location, files, result) if verify else result
     found = format_of_dir(e.path for e in files)
     if found is None:
         # What is at the top, folders included: a folder holding only sub-folders is not empty.
@@ -178,6 +184,7 @@ def inspect_file(location: Location, entry: FileEntry, *, verify: bool = False) 
     if kind is Format.SAFETENSORS:
         header = read_safetensors_header(source)
         tensors = tuple(_with_file(t, entry.path) for t in header.tensors)
+        piece = rank_piece_note(entry.name, header.metadata)
         return Inspection(
             url,
             kind.value,
@@ -185,6 +192,7 @@ def inspect_file(location: Location, entry: FileEntry, *, verify: bool = False) 
             tensors,
             metadata=dict(header.metadata),
             defects=header.defects,
+            notes=(piece,) if piece else (),
             verified=verify,
         )
     if kind is Format.SAFETENSORS_SHARDED:

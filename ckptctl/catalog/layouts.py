@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ckptctl.catalog.model import Layout, Ordinal, Status
 from ckptctl.formats.dcp import PER_RANK_METADATA
+from ckptctl.formats.dcp_hf import judge_names as judge_dcp_hf_names
 from ckptctl.formats.deepspeed import OPTIM_STATES
 
 CHECKPOINT_FILE_SUFFIXES = (
@@ -222,6 +223,11 @@ def judge_dir(layout: Layout, rel_files: set[str], name: str, empty: frozenset[s
             return Verdict(Status.INCOMPLETE, "trainer_state.json but no weights")
         return Verdict(Status.COMPLETE, "trainer_state.json present")
     if layout in (Layout.DCP, Layout.COMPOSER):
+        # DCP's HF writer (torchtitan ``step-N/sharded/``) writes no .metadata; its rank files decide.
+        hf_writer = judge_dcp_hf_names(rel_files, empty) if layout is Layout.DCP else None
+        if hf_writer is not None:
+            whole, reason = hf_writer
+            return Verdict(Status.COMPLETE if whole else Status.INCOMPLETE, reason)
         if ".metadata" in top:
             return Verdict(Status.COMPLETE, ".metadata present")
         if "model.safetensors.index.json" in top:

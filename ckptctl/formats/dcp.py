@@ -385,16 +385,18 @@ def _storage_key(index: Any) -> tuple[str, tuple[int, ...]] | None:
     return str(index.get("fqn")), tuple(offset) if isinstance(offset, (tuple, list)) else ()
 
 
-def read_dcp_checkpoint(location: Location) -> DcpCheckpoint:
+def read_dcp_checkpoint(location: Location, entries: Sequence[FileEntry] | None = None) -> DcpCheckpoint:
     """The tensors of the DCP folder at ``location`` as chunks, checked whole before a byte of data is read.
 
     Per-rank ``__R.metadata`` files (``use_collectives=False``) are merged: each holds only its rank's chunks, a
     replicated tensor is in every one (the lowest rank's copy is used), and the ranks must agree on every
     tensor's dtype and global shape. Torch's own converter reads ``__0.metadata`` alone and returns the other
     ranks' rows uninitialised; here a tensor whose merged chunks do not tile it is an IntegrityError (a rank's
-    metadata missing shows up that way). Costs one listing plus one read per metadata file.
+    metadata missing shows up that way). Costs one listing (none when ``entries``, the folder's listing, is
+    given) plus one read per metadata file.
     """
-    files = {e.path: e for e in location.walk() if e.type == "file" and "/" not in e.path}
+    listing = location.walk() if entries is None else entries
+    files = {e.path: e for e in listing if e.type == "file" and "/" not in e.path}
     if METADATA in files:
         names = [METADATA]
     else:
@@ -596,13 +598,19 @@ def locate_chunks(checkpoint: DcpCheckpoint, tensors: Iterable[DcpTensor]) -> di
     }
 
 
-def plan_dcp(location: Location, folder: str) -> TensorPlan:
+def plan_dcp(location: Location, folder: str, entries: Sequence[FileEntry] | None = None) -> TensorPlan:
     """The model weights of the DCP checkpoint in ``folder`` of ``location`` (formats/dcp.py ``model_names``),
     each tensor's chunks located in the data files before anything is written: a damaged item fails the plan,
-    not a half-written output. Byte ranges are relative to ``location``, as the writer reads them."""
-    checkpoint = read_dcp_checkpoint(location.child(folder) if folder else location)
-    names = model_names([(t.fqn, t.path) for t in checkpoint.tensors] + list(checkpoint.bytes_items))
+    not a half-written output. Byte ranges are relative to ``location``, as the writer reads them.
+    ``entries``: the location's listing when the caller has one (else the folder is listed)."""
     base = f"{folder}/" if folder else ""
+    inside = (
+        None
+        if entries is None
+        else [replace(e, path=e.path[len(base) :]) for e in entries if e.path.startswith(base)]
+    )
+    checkpoint = read_dcp_checkpoint(location.child(folder) if folder else location, inside)
+    names = model_names([(t.fqn, t.path) for t in checkpoint.tensors] + list(checkpoint.bytes_items))
     model = [t for t in checkpoint.tensors if t.fqn in names]
     located = locate_chunks(checkpoint, model)
     tensors = [

@@ -415,9 +415,30 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in value)
 
 
-def plan_zero(location: Location, *, tag: str | None = None, exclude_frozen: bool = False) -> TensorPlan:
-    """Find every tensor's bytes in the shards, reading only headers and pickles (no tensor data)."""
-    found = require_tag(location, location.walk(), tag)
+def refuse_tensor_parallel(location: Location, folder: str, mp: int) -> None:
+    """A save with ``mp_world_size`` > 1 holds each weight split across tensor-parallel ranks by the trainer's
+    own rules (Megatron's, which DeepSpeed does not record): reading mp rank 0 alone would write a fraction of
+    the model, so it is refused, for ZeRO and universal checkpoints alike."""
+    if mp > 1:
+        raise RefusedError(
+            f"{location.url_of(folder)} is a tensor-parallel save (mp_world_size={mp}); ckptctl merges ZeRO "
+            "data-parallel shards only, and merging mp rank 0 alone would write a fraction of the model",
+            url=location.url,
+            hint="merge the tensor-parallel ranks with the trainer's own tools first (Megatron/DeepSpeed)",
+        )
+
+
+def plan_zero(
+    location: Location,
+    *,
+    tag: str | None = None,
+    exclude_frozen: bool = False,
+    entries: Sequence[FileEntry] | None = None,
+) -> TensorPlan:
+    """Find every tensor's bytes in the shards, reading only headers and pickles (no tensor data).
+    ``entries``: the location's listing when the caller has one (else one walk)."""
+    listing = location.walk() if entries is None else entries
+    found = require_tag(location, listing, tag)
     tag_rel = found.tag_dir
     prefix = f"{tag_rel}/" if tag_rel else ""
     sizes = {prefix + name: e.size for name, e in found.files.items()}
@@ -432,8 +453,8 @@ def plan_zero(location: Location, *, tag: str | None = None, exclude_frozen: boo
         # A universal folder keeps only the model states beside zero/<param>/fp32.pt (extract-lora's path here).
         from ckptctl.formats.deepspeed_universal import is_universal_folder, plan_universal
 
-        if is_universal_folder({e.path[len(prefix) :] for e in location.walk() if e.path.startswith(prefix)}):
-            return plan_universal(location, tag_rel)
+        if is_universal_folder({e.path[len(prefix) :] for e in listing if e.path.startswith(prefix)}):
+            return plan_universal(location, tag_rel, listing)
         raise IntegrityError(f"{location.url_of(tag_rel)}: no ZeRO optimizer files (*_optim_states.pt)")
     model0 = _archive(location, prefix + models[0], sizes)
     state = model0.obj if isinstance(model0.obj, dict) else {}
@@ -441,13 +462,7 @@ def plan_zero(location: Location, *, tag: str | None = None, exclude_frozen: boo
     if "dp_world_size" in state and implausible is not None:
         # Counts from inside the file are bounded by the files there are, before any name is built from them.
         raise IntegrityError(f"{location.url_of(prefix + models[0])}: {implausible}", url=location.url)
-    if mp > 1:
-        raise RefusedError(
-            f"{location.url_of(tag_rel)} is a tensor-parallel save (mp_world_size={mp}); consolidate merges ZeRO "
-            "data-parallel shards only, and merging mp rank 0 alone would write a fraction of the model",
-            url=location.url,
-            hint="merge the tensor-parallel ranks with the trainer's own tools first (Megatron/DeepSpeed)",
-        )
+    refuse_tensor_parallel(location, tag_rel, mp)
     world = dp if "dp_world_size" in state else len(optim)
     ranks = sorted(int(OPTIM_STATES.match(n).group("dp")) for n in optim)  # type: ignore[union-attr]
     bf16 = optim[0].startswith("bf16_")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Sequence
 
-from ckptctl.errors import IntegrityError, NotFoundError, RefusedError
+from ckptctl.errors import IntegrityError, NotFoundError
 from ckptctl.formats.deepspeed import (
     MODEL_STATES,
     _archive,
@@ -27,6 +27,7 @@ from ckptctl.formats.deepspeed import (
     _records,
     _shape,
     model_state_tensors,
+    refuse_tensor_parallel,
     world_sizes,
 )
 from ckptctl.formats.tensor_layout import TensorPlan, TensorSource
@@ -74,12 +75,14 @@ def find_universal(location: Location, entries: Sequence[FileEntry], tag: str | 
     return named
 
 
-def plan_universal(location: Location, folder: str) -> TensorPlan:
+def plan_universal(location: Location, folder: str, listing: Sequence[FileEntry] | None = None) -> TensorPlan:
     """Every tensor's bytes in a universal folder, from rank 0's model states and one ``fp32.pt`` header per
     trainable parameter (two ranged reads each; no tensor data). A trainable parameter without its
-    ``fp32.pt`` is an IntegrityError naming it, before anything is written."""
+    ``fp32.pt`` is an IntegrityError naming it, before anything is written. ``listing``: the location's
+    listing when the caller has one (else one walk)."""
     prefix = f"{folder}/" if folder else ""
-    entries = [e for e in location.walk() if e.type == "file" and e.path.startswith(prefix)]
+    walked = location.walk() if listing is None else listing
+    entries = [e for e in walked if e.type == "file" and e.path.startswith(prefix)]
     sizes = {e.path: e.size for e in entries}
     rels = {e.path[len(prefix) :] for e in entries}
     if any(r.startswith(f"{TEMP_DIR}/") for r in rels):
@@ -102,12 +105,7 @@ def plan_universal(location: Location, folder: str) -> TensorPlan:
     dp, mp, implausible = world_sizes(state, 3 if stage3 else None, len(models))
     if implausible is not None:
         raise IntegrityError(f"{location.url_of(prefix + models[0])}: {implausible}", url=location.url)
-    if mp > 1:
-        raise RefusedError(
-            f"{location.url_of(folder)} comes from a tensor-parallel save (mp_world_size={mp}); its buffers and "
-            "frozen parameters are per tensor-parallel rank, and consolidate does not merge those",
-            url=location.url,
-        )
+    refuse_tensor_parallel(location, folder, mp)
     param_shapes = [{str(k): _shape(v) for k, v in g.items()} for g in state.get("param_shapes") or []]
     trainable = [(name, shape) for group in param_shapes for name, shape in group.items()]
     masters = {name: f"{prefix}{PARAMS_DIR}/{name}/{MASTER_FILE}" for name, _ in trainable}

@@ -12,7 +12,7 @@ from ckptctl.formats.dcp import find_dcp_folder, plan_dcp
 from ckptctl.formats.dcp_hf import find_dcp_hf_folder, plan_dcp_hf, refuse_rank_piece
 from ckptctl.formats.deepspeed import looks_like_deepspeed, plan_zero
 from ckptctl.formats.tensor_layout import TensorPlan, TensorSource
-from ckptctl.formats.torch_state import STATE_DICT_FILES, open_weights, plan_state_dict
+from ckptctl.formats.torch_state import STATE_DICT_FILES, WEIGHT_FILES, open_weights, plan_state_dict
 from ckptctl.storage.location import Location
 
 
@@ -27,15 +27,15 @@ def plan_source(location: Location, *, tag: str | None = None, exclude_frozen: b
     entries = location.walk()
     folder = find_dcp_folder(entries, tag)
     if folder is not None:
-        return plan_dcp(location, folder)
+        return plan_dcp(location, folder, entries)
     hf_folder = find_dcp_hf_folder(entries, tag)  # before the index beside sharded/ is read unchecked
     if hf_folder is not None:
-        return plan_dcp_hf(location, hf_folder)
+        return plan_dcp_hf(location, hf_folder, entries)
     from ckptctl.formats.deepspeed_universal import find_universal, plan_universal
 
     universal = find_universal(location, entries, tag)  # before plan_zero: it has model states too
     if universal is not None:
-        return plan_universal(location, universal)
+        return plan_universal(location, universal, entries)
     top = {e.path for e in entries if e.type == "file" and "/" not in e.path}
     if tag is None and not looks_like_deepspeed(entries):
         if top & set(STATE_DICT_FILES):
@@ -47,7 +47,7 @@ def plan_source(location: Location, *, tag: str | None = None, exclude_frozen: b
             f".metadata) or an HF weights folder (no {STATE_DICT_FILES[0]}, {STATE_DICT_FILES[2]}); it holds {found}",
             url=location.url,
         )
-    return plan_zero(location, tag=tag, exclude_frozen=exclude_frozen)
+    return plan_zero(location, tag=tag, exclude_frozen=exclude_frozen, entries=entries)
 
 
 def _state_dict_plan(location: Location) -> TensorPlan:
@@ -59,25 +59,41 @@ def _state_dict_plan(location: Location) -> TensorPlan:
 
 def open_state_dict(location: Location) -> tuple[dict[str, TensorSource], str]:
     """Every tensor of SRC by its name as stored (a file; a folder of HF sharded or single weights; a DeepSpeed
-    save; a DCP folder; an HF ``checkpoint-N`` holding one), and a description of what was opened. Unlike
-    ``plan_source`` nothing is left out or renamed: extract-lora maps names itself."""
+    save or universal checkpoint; a DCP folder or DCP HF-writer save; an HF ``checkpoint-N`` or Accelerate
+    ``save_state`` folder holding one), and a description of what was opened. Unlike ``plan_source`` nothing
+    is left out or renamed beyond a DCP ``{"model": ...}`` wrapper: extract-lora maps names itself.
+
+    A sharded save is listed once and handed that listing. Named weight files (``model.safetensors``, an
+    index...) beside rank files win, as before; a lone other ``.pt``/``.safetensors`` beside a DCP folder does
+    not (Lightning's ``meta.pt``), it is only taken when nothing else is here."""
     if location.stat().type == "file":
         refuse_rank_piece(location)  # before open_weights: one rank's piece looks whole
-    elif (hf_folder := find_dcp_hf_folder(location.walk(), None)) is not None:  # so does its index
-        return {t.name: t for t in plan_dcp_hf(location, hf_folder).tensors}, location.url_of(hf_folder)
-    opened = open_weights(location)
-    if opened is not None:
-        return opened
+        return _opened(location, open_weights(location))
     entries = location.walk()
-    if looks_like_deepspeed(entries):
-        plan = plan_zero(location)
-        return {t.name: t for t in plan.tensors}, location.url
-    folder = find_dcp_folder(entries, None)
-    if folder is not None:
-        plan = plan_dcp(location, folder)
-        return {t.name: t for t in plan.tensors}, location.url_of(folder) if folder else location.url
-    raise NotFoundError(
-        f"no state dict found in {location.url} (looked for model.safetensors, pytorch_model.bin, a shard index, "
-        "a DeepSpeed save, a DCP folder, or a single .safetensors/.pt file)",
-        url=location.url,
-    )
+    hf_folder = find_dcp_hf_folder(entries, None)
+    if hf_folder is not None:  # before open_weights: its index looks like plain HF weights
+        return _by_name(plan_dcp_hf(location, hf_folder, entries)), location.url_of(hf_folder)
+    top = {e.path for e in entries if e.type == "file" and "/" not in e.path}
+    if not top & {*STATE_DICT_FILES, *WEIGHT_FILES}:
+        if looks_like_deepspeed(entries):  # a universal folder too (plan_zero hands it on)
+            return _by_name(plan_zero(location, entries=entries)), location.url
+        folder = find_dcp_folder(entries, None)
+        if folder is not None:
+            return _by_name(plan_dcp(location, folder, entries)), location.url_of(folder)
+    return _opened(location, open_weights(location))
+
+
+def _by_name(plan: TensorPlan) -> dict[str, TensorSource]:
+    return {t.name: t for t in plan.tensors}
+
+
+def _opened(
+    location: Location, opened: tuple[dict[str, TensorSource], str] | None
+) -> tuple[dict[str, TensorSource], str]:
+    if opened is None:
+        raise NotFoundError(
+            f"no state dict found in {location.url} (looked for model.safetensors, pytorch_model.bin, a shard "
+            "index, a DeepSpeed save, a DCP folder, or a single .safetensors/.pt file)",
+            url=location.url,
+        )
+    return opened
