@@ -173,21 +173,36 @@ class LegacyTorchFile:
         return max(0, self.source.size - expected) if expected is not None else 0
 
 
+def _load_one(
+    stream: io.BytesIO, *, foreign: Foreign = "refuse", unpickler: list[RestrictedUnpickler] | None = None
+) -> Any:
+    """``restricted_load``, except that a failure once every byte of ``stream`` is consumed is a TruncatedError:
+    a GLOBAL opcode whose name the prefix (or the file) cuts reads a shortened name (``collections.Ordere``),
+    which would otherwise be refused as off the allow-list, though more bytes may complete it."""
+    try:
+        value = restricted_load(stream, foreign=foreign, unpickler=unpickler)
+    except IntegrityError:
+        if stream.tell() >= len(stream.getbuffer()):
+            raise TruncatedError("the pickle ends before its STOP opcode (truncated)") from None
+        raise
+    return value
+
+
 def _walk_pickles(
     source: FileSource, prefix: bytes, foreign: Foreign
 ) -> tuple[Any, list[str], RestrictedUnpickler, int, bool]:
     """The five pickles of ``prefix``: (object, storage keys, the object's unpickler, data start, byte order)."""
     stream = io.BytesIO(prefix)
-    if restricted_load(stream) != MAGIC_NUMBER:
+    if _load_one(stream) != MAGIC_NUMBER:
         raise IntegrityError(f"{source.name}: not torch's legacy format (no magic number)")
-    version = restricted_load(stream)
+    version = _load_one(stream)
     if version != PROTOCOL_VERSION:
         raise IntegrityError(f"{source.name}: torch legacy protocol version {str(version)[:20]!r}, not 1001")
-    sys_info = restricted_load(stream)
+    sys_info = _load_one(stream)
     little_endian = not (isinstance(sys_info, dict) and sys_info.get("little_endian") is False)
     holder: list[RestrictedUnpickler] = []
-    obj = restricted_load(stream, foreign=foreign, unpickler=holder)
-    keys = restricted_load(stream)
+    obj = _load_one(stream, foreign=foreign, unpickler=holder)
+    keys = _load_one(stream)
     if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
         raise IntegrityError(f"{source.name}: the list of storage keys is not a list of names (corrupt)")
     return obj, keys, holder[0], stream.tell(), little_endian

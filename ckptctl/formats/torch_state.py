@@ -5,7 +5,9 @@ A Lightning ``.ckpt`` keeps the LightningModule's weights under ``state_dict`` b
 ``{"model": ..., "optimizer": ..., "epoch": ...}``. Plain ``model.state_dict()`` files (``pytorch_model.bin``,
 ``model.pt``) are all model. Decided from the tensor names alone, so it costs nothing beyond the listing.
 
-Each tensor is one byte range of its file; only headers and (restricted) pickles are read to find them.
+Each tensor is byte ranges of its file (one when contiguous: torch_file.py); only headers and (restricted)
+pickles are read to find them. Torch files of either serialization are read: the zip archive and the legacy
+format of torch < 1.6, which older tooling still writes as ``pytorch_model*.bin``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from ckptctl.formats.deepspeed import looks_like_deepspeed
 from ckptctl.formats.model import Defect
 from ckptctl.formats.safetensors_header import read_safetensors_header
 from ckptctl.formats.source import FileSource
-from ckptctl.formats.tensor_layout import Range, TensorPlan, TensorSource, is_contiguous
-from ckptctl.formats.torch_zip import TorchArchive, read_torch_archive
+from ckptctl.formats.tensor_layout import Range, TensorPlan, TensorSource
+from ckptctl.formats.torch_file import PieceBudget, TorchFile, tensor_sources
+from ckptctl.formats.torch_legacy import is_legacy_head, read_legacy_torch
+from ckptctl.formats.torch_zip import read_torch_archive
 from ckptctl.storage.location import Location
 
 LIGHTNING_STATE = "state_dict"
@@ -87,26 +91,32 @@ def _safetensors(location: Location, rel: str, size: int) -> dict[str, TensorSou
     }
 
 
-def _torch(location: Location, rel: str, size: int) -> dict[str, TensorSource]:
-    archive: TorchArchive = read_torch_archive(FileSource(location, rel, size))
-    refuse_defects(location, rel, archive.check_members())
-    found: dict[str, TensorSource] = {}
-    for record in archive.tensors:
-        if not is_contiguous(record.shape, record.stride):
-            raise IntegrityError(f"{location.url_of(rel)}: tensor {record.name} is not contiguous")
-        start = archive.tensor_byte_offset(record)
-        end = start + record.numel * record.itemsize
-        found[record.name] = TensorSource(
-            location, record.name, record.dtype, record.shape, (Range(rel, start, end),)
-        )
-    return found
+def _torch(
+    location: Location, rel: str, size: int, legacy: bool, budget: PieceBudget | None
+) -> dict[str, TensorSource]:
+    """A torch file's tensors, after every structural check that needs no tensor data (storages inside the file,
+    views inside their storages; for a legacy file also every storage's own element count, one small read per
+    run of storages): a conversion never streams bytes the file's own structure contradicts."""
+    source = FileSource(location, rel, size)
+    file: TorchFile
+    if legacy:
+        file = read_legacy_torch(source)
+        refuse_defects(location, rel, file.check("all"))
+    else:
+        file = read_torch_archive(source)
+        refuse_defects(location, rel, file.check_members())
+    return tensor_sources(file, budget)
 
 
-def open_file(location: Location, rel: str, size: int) -> dict[str, TensorSource]:
-    """A state dict file by its content: safetensors, or a torch zip archive (``.pt``, ``.bin``, ``.pth``)."""
-    head = location.read_range(rel, 0, 4)
-    if head.startswith(b"PK"):
-        return _torch(location, rel, size)
+def open_file(
+    location: Location, rel: str, size: int, budget: PieceBudget | None = None
+) -> dict[str, TensorSource]:
+    """A state dict file by its content: safetensors, or a torch file (``.pt``, ``.bin``, ``.pth``) as a zip
+    archive or in the legacy format. ``budget`` bounds the pieces of non-contiguous tensors across the files of
+    one state dict."""
+    head = location.read_range(rel, 0, 32)
+    if head.startswith(b"PK") or is_legacy_head(head):
+        return _torch(location, rel, size, is_legacy_head(head), budget)
     return _safetensors(location, rel, size)
 
 
@@ -149,10 +159,11 @@ def open_weights(location: Location) -> tuple[dict[str, TensorSource], str] | No
         if index_name in files:
             weight_map = _weight_map(location, index_name)
             found: dict[str, TensorSource] = {}
+            budget = PieceBudget()
             for shard in sorted(set(weight_map.values())):
                 if shard not in files:
                     raise NotFoundError(f"{location.url_of(index_name)} names {shard}, which is missing")
-                found.update(open_file(location, shard, files[shard].size))
+                found.update(open_file(location, shard, files[shard].size, budget))
             absent = next((n for n, shard in weight_map.items() if n not in found), None)
             if absent is not None:
                 raise IntegrityError(
@@ -186,7 +197,7 @@ def plan_state_dict(sources: dict[str, TensorSource], what: str) -> TensorPlan:
             plan.dropped += 1
             continue
         new = name[cut:]
-        view = (source.location.url, source.ranges, source.dtype, source.shape)
+        view = (source.location.url, source.ranges, source.chunks, source.dtype, source.shape)
         if view in seen and source.nbytes:
             plan.aliases[new] = seen[view]
             continue
