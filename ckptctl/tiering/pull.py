@@ -26,7 +26,7 @@ import posixpath
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -297,7 +297,7 @@ def _pull_unit(
     progress = on_bytes or (lambda n: None)
     downloaded = reused = 0
     current_umask()  # read here, before the download threads start
-    try:
+    with _partial_removed_on_error(temp, dest):
         prepare_partial_folder(temp, resume=True)
 
         def fetch(item: ManifestFile) -> tuple[int, int]:
@@ -311,13 +311,22 @@ def _pull_unit(
                 downloaded += got
                 reused += kept
         _commit(manifest, temp, dest)
+    return PullResult(manifest, dest, downloaded, reused, time.monotonic() - started)
+
+
+@contextlib.contextmanager
+def _partial_removed_on_error(temp: str, where: str) -> Iterator[None]:
+    """An OSError inside removes the partial folder ``temp`` (``rmtree`` never follows a link, so never removes
+    one's target) and, when it is a disk error (full, quota, read-only), becomes the one-line error naming
+    ``where``."""
+    try:
+        yield
     except OSError as exc:
-        shutil.rmtree(temp, ignore_errors=True)  # never follows a link, so never removes one's target
-        mapped = disk_error(exc, dest)
+        shutil.rmtree(temp, ignore_errors=True)
+        mapped = disk_error(exc, where)
         if mapped is not None:
             raise mapped from exc
         raise
-    return PullResult(manifest, dest, downloaded, reused, time.monotonic() - started)
 
 
 def _fetch_file(
@@ -402,7 +411,7 @@ def _pull_run_files(
     temp = partial_folder(os.path.join(root, RUN_FILES_PARTIAL))
     progress = on_bytes or (lambda n: None)
     current_umask()  # read here, before the download threads start
-    try:
+    with _partial_removed_on_error(temp, root):
         prepare_partial_folder(temp, resume=True)
 
         def fetch(item: ManifestFile) -> tuple[ManifestFile, int | IntegrityError]:
@@ -426,12 +435,6 @@ def _pull_run_files(
             else:
                 result.kept.append((item.path, why))
         remove_no_follow(temp)
-    except OSError as exc:
-        shutil.rmtree(temp, ignore_errors=True)  # never follows a link, so never removes one's target
-        mapped = disk_error(exc, root)
-        if mapped is not None:
-            raise mapped from exc
-        raise
     return result
 
 
