@@ -21,7 +21,7 @@ import posixpath
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import IO, Any
 
 import numpy as np
@@ -86,17 +86,7 @@ class ShardReport:
     removed: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "total": self.total,
-            "plan": self.plan,
-            "workers": self.workers,
-            "worker_index": self.worker_index,
-            "written": list(self.written),
-            "skipped": list(self.skipped),
-            "verified": list(self.verified),
-            "removed": list(self.removed),
-        }
+        return {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
