@@ -23,6 +23,33 @@ if TYPE_CHECKING:  # numpy is imported when bytes are assembled or cast, not to 
 READ_CHUNK_BYTES = 64 * 2**20
 
 
+MERGE_GAP_BYTES = 64 * 2**10
+"""Bytes between two ranges of one file that a window read may fetch and throw away rather than start a new read."""
+MERGE_WINDOW_BYTES = 16 * 2**20
+"""The most one window read of several ranges spans (it is held with the pieces cut from it: twice this)."""
+
+
+def _windows(ranges: tuple[Range, ...]) -> Iterator[tuple[str, int, int, list[Range]]]:
+    """``ranges`` grouped, in order, into windows of one file: each next range starts at or after the window's
+    end, at most ``MERGE_GAP_BYTES`` later, and the window stays within ``MERGE_WINDOW_BYTES``. A range bigger
+    than that is a window of its own. Yields (file, start, end, the ranges)."""
+    current: list[Range] = []
+    for item in ranges:
+        if current:
+            first, last = current[0], current[-1]
+            if (
+                item.rel == last.rel
+                and last.end <= item.start <= last.end + MERGE_GAP_BYTES
+                and item.end - first.start <= MERGE_WINDOW_BYTES
+            ):
+                current.append(item)
+                continue
+            yield first.rel, first.start, last.end, current
+        current = [item]
+    if current:
+        yield current[0].rel, current[0].start, current[-1].end, current
+
+
 def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """C order, as torch's ``is_contiguous``: the strides of size-1 dimensions, and of empty tensors, do not
     matter. Only such tensors can be streamed as one byte range."""
@@ -99,23 +126,41 @@ class TensorSource:
         return to_numpy(self.read(), self.dtype, self.name).reshape(self.shape)
 
     def _ranges(self, ranges: tuple[Range, ...]) -> Iterator[bytes]:
+        """Each range's bytes in order, capped at ``nbytes``. Runs of small ranges close together in one file (a
+        strided view: one range per row) are read as one window of at most 16 MiB and cut apart, so a view of a
+        million rows costs a few dozen reads, not a million; a big range is read in 64 MiB pieces."""
         remaining = self.nbytes
-        for item in ranges:
-            start = item.start
-            while start < item.end and remaining > 0:
-                end = min(item.end, start + READ_CHUNK_BYTES, start + remaining)
-                data = self.location.read_range(item.rel, start, end)
-                if len(data) != end - start:
-                    raise IntegrityError(
-                        f"{self.location.url_of(item.rel)} is truncated (tensor {self.name})",
-                        url=self.location.url_of(item.rel),
-                    )
-                remaining -= len(data)
-                start = end
-                yield data
-        if remaining:
+        for rel, window_start, window_end, members in _windows(ranges):
+            if remaining <= 0:
+                break
+            if len(members) == 1:
+                start = window_start
+                while start < window_end and remaining > 0:
+                    end = min(window_end, start + READ_CHUNK_BYTES, start + remaining)
+                    data = self._read(rel, start, end)
+                    remaining -= len(data)
+                    start = end
+                    yield data
+                continue
+            window = memoryview(self._read(rel, window_start, window_end))
+            pieces = []
+            for item in members:
+                piece = window[item.start - window_start : item.end - window_start][: max(0, remaining)]
+                remaining -= len(piece)
+                pieces.append(piece)
+            yield b"".join(pieces)
+        if remaining > 0:
             rel = ranges[0].rel if ranges else self.name
             raise IntegrityError(f"{self.location.url_of(rel)} is truncated (tensor {self.name})")
+
+    def _read(self, rel: str, start: int, end: int) -> bytes:
+        data = self.location.read_range(rel, start, end)
+        if len(data) != end - start:
+            raise IntegrityError(
+                f"{self.location.url_of(rel)} is truncated (tensor {self.name})",
+                url=self.location.url_of(rel),
+            )
+        return data
 
     def _assembled(self) -> bytes:
         import numpy as np
