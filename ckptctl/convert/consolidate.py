@@ -321,27 +321,13 @@ def consolidate(
     if os.path.exists(final) and not force:
         raise RefusedError(f"{final} exists; pass --force to replace it")
     plan, order, planned, aliases, metadata = prepare()
-    layout = (
-        _shard_layout(src, plan, order, planned, metadata, max_shard_bytes)
-        if max_shard_bytes is not None
-        else None
-    )
+    layout = _sharded(src, plan, order, planned, metadata, max_shard_bytes)
     made_folder = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
-    groups = _shards(planned, None) if layout is None else layout.groups
     files = [final] if layout is None else [os.path.join(folder, name) for name in layout.names]
     done: list[str] = []  # files this call put in place, removed again if a later one fails
     try:
-        written = _write_shards(
-            files,
-            groups,
-            order,
-            planned,
-            metadata if layout is None else layout.metadata,
-            atomic_local_file,
-            on_bytes,
-            done,
-        )
+        written = _write_output(files, layout, order, planned, metadata, atomic_local_file, on_bytes, done)
         copied = (
             _copy_configs(
                 src,
@@ -538,24 +524,12 @@ def _consolidate_to_store(
     if target.exists(final) and not force:
         raise RefusedError(f"{target.url_of(final)} exists; pass --force to replace it")
     plan, order, planned, aliases, metadata = prepare()
-    layout = (
-        _shard_layout(src, plan, order, planned, metadata, max_shard_bytes)
-        if max_shard_bytes is not None
-        else None
-    )
-    groups = _shards(planned, None) if layout is None else layout.groups
+    layout = _sharded(src, plan, order, planned, metadata, max_shard_bytes)
     files = [final] if layout is None else layout.names
     done: list[str] = []
     try:
-        written = _write_shards(
-            files,
-            groups,
-            order,
-            planned,
-            metadata if layout is None else layout.metadata,
-            _shard_opener(target),
-            on_bytes,
-            done,
+        written = _write_output(
+            files, layout, order, planned, metadata, _shard_opener(target), on_bytes, done
         )
         copied = _copy_configs(src, target.exists, _writer(target.write_bytes), done) if copy_configs else []
         if layout is not None:
@@ -571,6 +545,39 @@ def _consolidate_to_store(
         None if layout is None else _all_written(layout, _remove_stale(target, layout, plan.warnings, force))
     )
     return _result(plan, target.url_of(final), planned, written, aliases, started, report)
+
+
+def _sharded(
+    src: Location,
+    plan: TensorPlan,
+    order: list[TensorSource],
+    planned: list[PlannedTensor],
+    metadata: dict[str, str],
+    max_shard_bytes: int | None,
+) -> ShardLayout | None:
+    """The shard layout of a sharded output (``--max-shard-size``), None for one file."""
+    if max_shard_bytes is None:
+        return None
+    return _shard_layout(src, plan, order, planned, metadata, max_shard_bytes)
+
+
+def _write_output(
+    files: list[str],
+    layout: ShardLayout | None,
+    order: list[TensorSource],
+    planned: list[PlannedTensor],
+    metadata: dict[str, str],
+    open_new: Callable[[str], contextlib.AbstractContextManager[IO[bytes]]],
+    on_bytes: Callable[[int], None] | None,
+    done: list[str],
+) -> int:
+    """Every file of the output (one file, or each shard of ``layout`` with its fingerprinted metadata) through
+    ``_write_shards``; the one write step of local and store output alike."""
+    if layout is None:
+        return _write_shards(
+            files, _shards(planned, None), order, planned, metadata, open_new, on_bytes, done
+        )
+    return _write_shards(files, layout.groups, order, planned, layout.metadata, open_new, on_bytes, done)
 
 
 def _shard_opener(folder: Location) -> Callable[[str], contextlib.AbstractContextManager[IO[bytes]]]:

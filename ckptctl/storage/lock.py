@@ -310,23 +310,16 @@ def _delete_lease(location: Location, match: object) -> None:
                 if fs.exists(path) and fs.cat_file(path) == match:
                     fs.rm_file(path)
             return
-        if kind == "s3":
+        if kind in ("s3", "gcs"):
             bucket, key, _ = fs.split_path(path)
             try:
-                fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=match)
+                if kind == "s3":
+                    fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=match)
+                else:
+                    fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(match))
             except Exception as exc:
                 if _precondition_failed(exc):
-                    return
-                raise
-            fs.invalidate_cache(path)
-            return
-        if kind == "gcs":
-            bucket, key, _ = fs.split_path(path)
-            try:
-                fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(match))
-            except Exception as exc:
-                if _precondition_failed(exc):
-                    return
+                    return  # another holder's lease now: not ours to delete
                 raise
             fs.invalidate_cache(path)
             return
@@ -337,7 +330,7 @@ def _delete_lease(location: Location, match: object) -> None:
 
 def _precondition_failed(exc: BaseException) -> bool:
     """Whether the store refused a conditional request because the object is no longer the version named (HTTP
-    412, or S3's 409 for two conditional writes racing), read from the error's structure and never from its text:
+    412, or S3's ConditionalRequestConflict for two conditional writes racing), read from the error's structure and never from its text:
     a bucket or key may well contain "412". s3fs and gcsfs raise FileExistsError for some of these, an OSError
     whose cause is botocore's ClientError for the rest; gcsfs's HttpError carries the status as ``code``."""
     if isinstance(exc, FileExistsError):
