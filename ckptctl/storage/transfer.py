@@ -7,7 +7,7 @@ for parts of a recorded size) are still checked by that MD5 when they are pulled
 
 S3: bulk bytes go through ``storage.s3_data`` (botocore sync clients on threads: a PutObject or a FULL_OBJECT
 CRC64NVME multipart upload, resumed after a killed push, ranged GETs written with ``pwrite``); the store's level of
-checksum support is learnt on the first file. Other stores are written by one stream through ``fs.open`` (GCS: resumable upload in 64 MiB
+checksum support is probed before the first file. Other stores are written by one stream through ``fs.open`` (GCS: resumable upload in 64 MiB
 chunks, visible only when finalised), local folders through a temporary name and a rename, and read by one
 streaming GET.
 """
@@ -57,15 +57,15 @@ def part_size_for(location: Location, size: int, wanted: int = DEFAULT_PART_SIZE
     return part
 
 
-def open_data_path(location: Location, streams: int) -> S3DataPath | None:
+def open_data_path(location: Location, streams: int, probe_rel: str | None = None) -> S3DataPath | None:
     """The run's S3 data path for ``location`` (None off S3): one per push or pull, so the store's checksum
-    level is detected once."""
+    level is probed once (on an object at ``probe_rel``; default: ``s3_data.PROBE_REL``)."""
     if not is_s3(location):
         return None
-    from ckptctl.storage.s3_data import S3DataPath
+    from ckptctl.storage.s3_data import PROBE_REL, S3DataPath
 
     with location.errors():
-        return S3DataPath(location, streams)
+        return S3DataPath(location, streams, probe_rel or PROBE_REL)
 
 
 def local_chunks(path: str, size: int = STREAM_CHUNK) -> Iterator[bytes]:

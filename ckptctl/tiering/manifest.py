@@ -61,6 +61,9 @@ _DIGEST = re.compile(r"[0-9a-f]{32}(?:-[1-9][0-9]{0,4})?")
 KINDS = ("dir", "file")
 RUN_FILES_MANIFEST = f"{MANIFEST_DIR}/run-files.manifest"
 """The manifest of the run's own files (``tiering.run_files``), relative to the remote run."""
+LEVEL_PROBE = f"{MANIFEST_DIR}/checksum-probe"
+"""The object a push writes and deletes before its first S3 upload to learn the store's checksum level
+(``storage.s3_data``); not ``.json``, so a probe left by a killed push is never read as a manifest."""
 RUN_FILES_LAYOUT = "run-files"
 """The ``layout`` of that manifest: it describes no checkpoint."""
 

@@ -43,6 +43,7 @@ from ckptctl.storage.transfer import (
     upload,
 )
 from ckptctl.tiering.manifest import (
+    LEVEL_PROBE,
     MAX_MANIFEST_BYTES,
     RUN_FILES_MANIFEST,
     Manifest,
@@ -198,7 +199,7 @@ def push(
     scan = scan_run(local, settle_seconds=options.settle_seconds)
     view = remote_view(remote)
     result = PushResult()
-    data_path = None if options.dry_run else open_data_path(remote, options.jobs)
+    data_path = None if options.dry_run else open_data_path(remote, options.jobs, LEVEL_PROBE)
     for unit in select_units(scan.units, options, scan.scanned_at):
         if _already_tiered(view, unit):
             result.outcomes.append(UnitOutcome(unit, "already"))

@@ -19,7 +19,7 @@ from ckptctl.storage.checksums import Hasher, digest_of
 from ckptctl.storage.location import parse_storage_options
 from ckptctl.storage.s3_data import S3DataPath, build_client
 from ckptctl.storage.transfer import MiB, digest_local_file, open_data_path
-from ckptctl.tiering.manifest import Manifest, ManifestFile, manifest_rel, remote_view
+from ckptctl.tiering.manifest import LEVEL_PROBE, Manifest, ManifestFile, manifest_rel, remote_view
 from ckptctl.tiering.pull import pull, pull_run
 from ckptctl.tiering.push import PushOptions, push
 from ckptctl.tiering.status import tier_status
@@ -213,45 +213,84 @@ def test_s3_ranged_download_combines_range_crcs_in_offset_order(moto_server: Ser
     assert got.digest == digest_of(payload) and target.read_bytes() == payload
 
 
-# -- store levels B and C (stub endpoints in front of moto) ----------------------------------------------------
-@pytest.mark.parametrize("mode", ["reject", "ignore"])
-def test_a_store_with_less_checksum_support_is_still_verified(
+# -- store levels A, B and C (stub endpoints in front of moto) -------------------------------------------------
+def _stub_remote(backend: Backend, stub: object) -> Location:
+    # Such stores need s3fs's own requests without botocore's default checksums, as any client does.
+    options = {
+        "endpoint_url": stub.endpoint,
+        "config_kwargs": {"request_checksum_calculation": "when_required"},
+    }
+    return Location.from_url(f"{backend.url}/remote", options)
+
+
+def _data_bodies(stub: object) -> list[dict[str, str]]:
+    """Headers of the PutObject and UploadPart requests of the checkpoints' data files."""
+    return [
+        h
+        for method, path, h in stub.seen
+        if method == "PUT" and "/remote/checkpoint-" in path and path.split("?")[0].endswith(".safetensors")
+    ]
+
+
+# mode -> (level, what guards each data body, notes): ``validate`` plays AWS (refuses a body that does not
+# match its CRC64NVME), ``ignore`` Ceph RGW 19 (keeps no checksum, checks Content-MD5 and signed payloads),
+# ``reject`` Swift's s3api (501 to checksum headers), ``pass`` moto itself (keeps our value, checks nothing).
+LEVELS = {
+    "validate": ("A", "crc64nvme", 0),
+    "ignore": ("B", "sha256", 0),
+    "reject": ("C", "sha256", 1),
+    "pass": ("A", "crc64nvme", 1),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(LEVELS))
+def test_the_store_level_is_probed_before_the_first_file_and_every_body_is_guarded(
     moto_server: Server, tmp_path: Path, mode: str
 ) -> None:
+    level, guard, notes = LEVELS[mode]
     backend = make_s3(moto_server)
     run = make_run(tmp_path / "run", steps=(100, 200), size=12 * MiB, incomplete=None)
     local = Location.from_url(str(run))
     with s3_stub(moto_server.endpoint, mode) as stub:
-        # Such stores need s3fs's own requests without botocore's default checksums, as any client does.
-        options = {
-            "endpoint_url": stub.endpoint,
-            "config_kwargs": {"request_checksum_calculation": "when_required"},
-        }
-        remote = Location.from_url(f"{backend.url}/remote", options)
+        remote = _stub_remote(backend, stub)
         result = push(local, remote, PushOptions(settle_seconds=0, part_size=5 * MiB, jobs=2))
-        level = {"reject": "C", "ignore": "B"}[mode]
         assert not result.failed and result.store_level == level
-        assert len(result.notes) == (1 if mode == "reject" else 0)
+        assert len(result.notes) == notes, result.notes
         assert {m.store_level for m in remote_view(remote).manifests.values()} == {level}
-        # PutObject and UploadPart of the checkpoints' files (not the manifests, written by s3fs).
-        bodies = [
-            (path, h)
-            for method, path, h in stub.seen
-            if method == "PUT"
-            and "/remote/checkpoint-" in path
-            and not h.get("content-type", "").endswith("json")
+        # The probe went to its own key and is gone; no checkpoint file was read back.
+        probes = [path for method, path, _ in stub.seen if method == "PUT" and LEVEL_PROBE in path]
+        assert probes and not remote.exists(LEVEL_PROBE)
+        assert not [
+            p for method, p, _ in stub.seen if method == "GET" and p.split("?")[0].endswith(".safetensors")
         ]
-        with_crc = [path for path, h in bodies if any("crc64nvme" in v.lower() for v in h.values())]
-        plain = [h for path, h in bodies if not any("crc64nvme" in v.lower() for v in h.values())]
-        # Only the first file tried CRC64NVME (its 3 parts; at level C the create was refused first); every
-        # other body carried Content-MD5, so a store that checks it still refuses a corrupted body.
-        assert len(with_crc) == (0 if mode == "reject" else 3)
-        assert plain and all("content-md5" in h for h in plain)
-        if mode == "ignore":  # the first file, which went without Content-MD5, was read back and hashed
-            reads = [path for method, path, _ in stub.seen if method == "GET"]
-            assert any(p.split("?")[0].endswith("checkpoint-100/model.safetensors") for p in reads)
+        bodies = _data_bodies(stub)
+        assert len(bodies) == 2 * 3  # two files of three 5 MiB parts, each sent once
+        for headers in bodies:
+            signed = headers.get("x-amz-content-sha256", "")
+            if guard == "crc64nvme":
+                assert headers.get("x-amz-checksum-crc64nvme") and signed == "UNSIGNED-PAYLOAD"
+            else:  # signed payloads: cheaper than Content-MD5, and this store refuses one that does not match
+                assert "x-amz-checksum-crc64nvme" not in headers and len(signed) == 64
         rows = tier_status(local, remote, reread=True, settle_seconds=0)
         assert [r.remote for r in rows] == ["verified", "verified"]
         dest = tmp_path / "back"
         pull(remote, str(dest), step=200, jobs=2)
         assert tree(dest) == _unit_tree(run, "checkpoint-200")
+
+
+@pytest.mark.parametrize("mode", ["validate", "ignore"])
+def test_a_part_damaged_on_the_way_is_refused_and_sent_again_never_skipped(
+    moto_server: Server, tmp_path: Path, mode: str
+) -> None:
+    backend = make_s3(moto_server)
+    run = make_run(tmp_path / "run", steps=(100,), size=12 * MiB, incomplete=None)
+    local = Location.from_url(str(run))
+    with s3_stub(moto_server.endpoint, mode) as stub:
+        remote = _stub_remote(backend, stub)
+        stub.damage_parts = 2
+        result = push(local, remote, PushOptions(settle_seconds=0, part_size=5 * MiB, jobs=1))
+        assert not result.failed and stub.damage_parts == 0
+        assert len(_data_bodies(stub)) == 3 + 2  # three parts, two of them sent again
+        dest = tmp_path / "back"
+        pull(remote, str(dest), step=100, jobs=2)
+        assert tree(dest) == _unit_tree(run, "checkpoint-100")

@@ -501,8 +501,8 @@ def status(
     no checksums; --verify re-reads), corrupt (exit 8: objects that do not match the manifest, or a manifest
     that does not validate; a re-run of push rewrites it), partial (objects without a manifest: an interrupted
     push; a re-run of push finishes it), or - (not there). CHECKS is what the store did with our checksums when
-    the checkpoint was pushed: A (S3 stores and checks CRC64NVME), B (ignored them: Content-MD5 on every body,
-    verified on pull), C (refused them: sent as B), crc32c (GCS), or - (local folders and memory://: re-read).
+    the checkpoint was pushed: A (S3 checks or computes CRC64NVME), B (ignored them: every body signed or with
+    Content-MD5, verified on pull), C (refused them: sent as B), crc32c (GCS), or - (local folders and memory://: re-read).
 
     A last row, "run files (N)", sums up the run's own files (config.json, eval.jsonl, logs/...): REMOTE for
     the copies the run-files manifest lists (corrupt: exit 8), LOCAL how many changed since they were pushed (by
