@@ -429,15 +429,16 @@ def remote_view(location: Location) -> RemoteView:
     except NotFoundError:
         return RemoteView(location, {}, {}, {}, exists=False)
     entries = {e.path: e for e in listing if e.type == "file"}
+    wanted = [p for p in entries if p.startswith(MANIFEST_DIR + "/") and p.endswith(".json")]
+    payloads = _read_payloads(location, wanted + [p for p in (RUN_FILES_MANIFEST,) if p in entries])
     manifests: dict[str, Manifest] = {}
     bad: dict[str, BadManifest] = {}
-    for path in entries:
-        if not (path.startswith(MANIFEST_DIR + "/") and path.endswith(".json")):
-            continue
+    for path in wanted:
         url = location.url_of(path)
-        payload: Any = None
+        payload = payloads[path]
         try:
-            payload = _read_payload(location, path)
+            if isinstance(payload, IntegrityError):
+                raise payload
             manifest = Manifest.from_payload(payload, name=url)
             if manifest_rel(manifest.unit) != path:
                 raise IntegrityError(
@@ -453,11 +454,36 @@ def remote_view(location: Location) -> RemoteView:
     if RUN_FILES_MANIFEST in entries:
         try:
             url = location.url_of(RUN_FILES_MANIFEST)
-            run_files = Manifest.from_payload(_read_payload(location, RUN_FILES_MANIFEST), name=url)
+            payload = payloads[RUN_FILES_MANIFEST]
+            if isinstance(payload, IntegrityError):
+                raise payload
+            run_files = Manifest.from_payload(payload, name=url)
             _check_run_files(run_files, url)
         except IntegrityError as exc:
             run_files, bad_run_files = None, BadManifest(RUN_FILES_MANIFEST, None, None, exc)
     return RemoteView(location, entries, manifests, bad, True, run_files, bad_run_files)
+
+
+MANIFEST_READERS = 16
+"""Manifests read side by side: one GET each, ~50 ms apiece on a store (10 checkpoints: 0.5 s one by one)."""
+
+
+def _read_payloads(location: Location, paths: list[str]) -> dict[str, Any]:
+    """Each manifest's parsed JSON, or the IntegrityError that reading or parsing it raised (any other error
+    propagates, as one read would raise it); read on threads when there are several."""
+
+    def one(path: str) -> Any:
+        try:
+            return _read_payload(location, path)
+        except IntegrityError as exc:
+            return exc
+
+    if len(paths) < 2:
+        return {p: one(p) for p in paths}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(MANIFEST_READERS, len(paths)), thread_name_prefix="ckptctl-manifest") as pool:
+        return dict(zip(paths, pool.map(one, paths), strict=True))
 
 
 def _read_payload(location: Location, path: str) -> Any:
