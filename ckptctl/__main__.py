@@ -1,3 +1,3 @@
-from ckptctl.cli.app import main
+from ckptctl.cli.app import run
 
-main()
+run()

@@ -183,5 +183,41 @@ def main() -> None:
         sys.exit(int(error.exit_code))
 
 
+def run() -> None:
+    """The console script: ``main``, then the process ends without the interpreter's teardown.
+
+    Freeing every module and botocore's loaded models costs ~0.4 CPU s per process here (a fifth of a
+    ``tier status``). By then the commands' ``with`` blocks have closed every file, joined every pool and
+    released every lock; what a normal exit still does is done here in its order (non-daemon threads joined,
+    ``atexit`` handlers run, output flushed) before ``os._exit``. Tests call ``main``, which exits normally."""
+    import atexit
+    import contextlib
+    import threading
+
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = _exit_status(exc.code)
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone away, a closed stream: nothing to say
+            stream.flush()
+    os._exit(code)
+
+
+def _exit_status(code: object) -> int:
+    """The status ``sys.exit(code)`` ends a process with (a message is printed and gives 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    sys.stderr.write(f"{code}\n")
+    return 1
+
+
 if __name__ == "__main__":
-    main()
+    run()
