@@ -56,6 +56,9 @@ AUXILIARY_DIR_NAMES = {
     ".git",
 }
 POINTER_FILE_NAMES = {"latest", "latest_universal", "latest_checkpointed_iteration.txt"}
+UNFINISHED_SUFFIX = "-unfinished"
+"""The in-progress marker beside a checkpoint (``checkpoint-400-unfinished``): present, the checkpoint is being
+written."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,7 @@ def is_auxiliary_file(name: str) -> bool:
     return (
         name in POINTER_FILE_NAMES
         or name.endswith(AUXILIARY_FILE_SUFFIXES)
-        or name.endswith("-unfinished")
+        or name.endswith(UNFINISHED_SUFFIX)
         or name.startswith("events.out.tfevents")
         or name.startswith(".")
     )

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from ckptctl.catalog.journal import JOURNAL_NAME, decode_journal
 from ckptctl.catalog.layouts import (
     POINTER_FILE_NAMES,
+    UNFINISHED_SUFFIX,
     ZIP_SUFFIXES,
     NameMatch,
     Verdict,
@@ -164,7 +165,10 @@ def _judge(
             candidate, match.layout, match.step, Verdict(Status.IN_PROGRESS, match.in_progress_reason)
         )
     name = posixpath.basename(candidate.path)
-    if posixpath.join(posixpath.dirname(candidate.path), f"{name}-unfinished").lstrip("/") in tree.by_path:
+    if (
+        posixpath.join(posixpath.dirname(candidate.path), f"{name}{UNFINISHED_SUFFIX}").lstrip("/")
+        in tree.by_path
+    ):
         return _Draft(
             candidate, match.layout, match.step, Verdict(Status.IN_PROGRESS, "-unfinished marker present")
         )

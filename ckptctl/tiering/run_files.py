@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from ckptctl.catalog.journal import JOURNAL_NAME
-from ckptctl.catalog.layouts import POINTER_FILE_NAMES
+from ckptctl.catalog.layouts import POINTER_FILE_NAMES, UNFINISHED_SUFFIX
 from ckptctl.catalog.model import Layout, RunScan
 from ckptctl.catalog.scan import scan_run
 from ckptctl.errors import NotFoundError
@@ -60,8 +60,6 @@ MAX_RUN_BYTES = 8 * 2**30
 """Bytes of run files a push sends and records at most."""
 RUN_FILES_PARTIAL = "run-files"
 """``pull`` assembles run files in ``DEST/.run-files.ckptctl-partial`` (``storage.atomic.partial_folder``)."""
-UNFINISHED_SUFFIX = "-unfinished"
-"""The in-progress marker beside a checkpoint (``checkpoint-400-unfinished``), as ``catalog.layouts`` reads it."""
 
 
 @dataclass(frozen=True)
