@@ -14,10 +14,11 @@ streaming GET.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ckptctl.errors import ChecksumMismatchError
 from ckptctl.storage.atomic import create_new_file
@@ -68,9 +69,16 @@ def open_data_path(location: Location, streams: int, probe_rel: str | None = Non
         return S3DataPath(location, streams, probe_rel or PROBE_REL)
 
 
+def open_local(path: str) -> BinaryIO:
+    """A local file opened for reading without following a link: one swapped in after the scan saw a regular
+    file there raises ELOOP instead of sending what it points to."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    return os.fdopen(fd, "rb")
+
+
 def local_chunks(path: str, size: int = STREAM_CHUNK) -> Iterator[bytes]:
-    """A local file in chunks, read once."""
-    with open(path, "rb") as handle:
+    """A local file in chunks, read once (``open_local``)."""
+    with open_local(path) as handle:
         while chunk := handle.read(size):
             yield chunk
 
@@ -165,7 +173,7 @@ def upload(
     data: S3DataPath | None = None,
 ) -> Uploaded:
     """Upload one file, hashing as it is read; raises ChecksumMismatchError when the store disagrees."""
-    size = os.path.getsize(local_path)
+    size = os.lstat(local_path).st_size
     parts = part_size_for(location, size, part_size)
     with location.errors(rel):
         if is_s3(location):
@@ -174,16 +182,24 @@ def upload(
             sent = data.upload(local_path, rel, part_size=parts, jobs=jobs, on_bytes=on_bytes)
             return Uploaded(rel, sent.digest, parts if size > parts else None, sent.etag, sent.level)
         hasher = Hasher()
-        if location.is_local:
-            from ckptctl.storage.atomic import atomic_local_file
+        with open_local(local_path) as source:  # before the target: a refused source writes nothing
+            if location.is_local:
+                from ckptctl.storage.atomic import atomic_local_file
 
-            target = atomic_local_file(location.full_path(rel))
-        else:
-            # GCS: one resumable upload in 64 MiB chunks (bigger chunks are faster on the emulator and on GCS),
-            # made visible only when the last chunk finalises it.
-            target = location.fs.open(location.full_path(rel), "wb", block_size=64 * MiB)
-        with target as sink:
-            copy_hashed(local_chunks(local_path), hasher, lambda chunk, _: sink.write(chunk), on_bytes)
+                target = atomic_local_file(location.full_path(rel))
+            else:
+                # GCS: one resumable upload in 64 MiB chunks (bigger chunks are faster on the emulator and on
+                # GCS), made visible only when the last chunk finalises it; discarded if reading fails.
+                target = location.fs.open(location.full_path(rel), "wb", block_size=64 * MiB)
+            with target as sink:
+                chunks = iter(lambda: source.read(STREAM_CHUNK), b"")
+                try:
+                    copy_hashed(chunks, hasher, lambda chunk, _: sink.write(chunk), on_bytes)
+                except BaseException:
+                    if not location.is_local:
+                        with contextlib.suppress(Exception):
+                            sink.discard()  # type: ignore[attr-defined]  # gcsfs cancels the resumable upload
+                    raise
     if location.is_local:
         return Uploaded(rel, hasher.digest, None)
     etag, level = _check_stored(location, rel, hasher.digest)
