@@ -4,7 +4,7 @@ Two runs are made at bench time in a temporary folder: one unit holding a 1 GiB 
 (HF Trainer-shaped, random bytes). Each is pushed and pulled by:
   ckptctl   ``ckptctl tier push RUN --to s3://...`` / ``tier pull URL DEST --all`` as a subprocess (verification
             on: full-object CRC64NVME + CRC32C while reading, sent as ``x-amz-checksum-crc64nvme`` and compared
-            with what the store answers; payload signing off; manifest written; pull fetches ranged GETs on
+            with what the store answers; payload signing off at level A; manifest written; pull fetches ranged GETs on
             threads, hashes and compares every file); pull also with ``--jobs 1`` (one GET per file)
   before    with ``--before SRC``: the same commands run from SRC, a source tree of ckptctl before issue 18
             (MD5 while reading, Content-MD5 per part, ETag compare; e.g. ``git archive <commit> | tar -x -C SRC``)
@@ -20,7 +20,9 @@ pays besides moving data, and the last ratios take it out. The MD5 cost of verif
 ``../shared/tools/servers.sh``; needs the Debian packages radosgw ceph-mon ceph-osd).
 
 boto3's ``upload_file`` signs every body over http (SigV4 SHA256) and adds CRC32 (botocore's default); ckptctl's
-data path sends the CRC64NVME header unsigned. The store's checksum level (A/B/C) is read from ``tier status --json``.
+data path sends the CRC64NVME header unsigned at level A, and at B/C signs the payload where the store checks
+it (Ceph RGW does), else sends Content-MD5. The store's checksum level (A/B/C) is read from ``tier status --json``,
+the body guard from ``tier push --json``.
 
 Usage: python bench/tier.py [--server moto|rgw] [--repeat N] [--skip-small] [--skip-big] [--jobs N] [--before SRC]
 """
@@ -245,9 +247,10 @@ def bench_scenario(
         for name in names:
             wipe()
             record(name, *timed(pushes[name]))
-        # pull (the ckptctl copy is pushed once more to pull it)
+        # pull (the ckptctl copy is pushed once more to pull it; its --json summary says what guarded bodies)
         wipe()
-        subprocess.run(cmd, check=True, env=env)
+        pushed = subprocess.run([*cmd, "--json"], check=True, env=env, capture_output=True, text=True)
+        guards = sorted(set(re.findall(r'"body_guard": "?(\w+)"?', pushed.stdout)))
         for r in rels:
             client.upload_file(str(run / r), "bench", f"b/{r}")
         shutil.rmtree(dest, ignore_errors=True)
@@ -334,7 +337,8 @@ def bench_scenario(
     wipe()
     print(f"\n## {title} ({total / MB:.0f} MB), {server} on 127.0.0.1, median of {repeat}")
     print(
-        f"store checksum level (tier status): {', '.join(store_levels) or '?'}; payload signing: ckptctl off, boto3 on"
+        f"store checksum level (tier status): {', '.join(store_levels) or '?'}; ckptctl's body guard (push --json): "
+        f"{', '.join(guards) or '?'} (payload signing {'on' if 'sha256' in guards else 'off'}); boto3: signing on"
     )
     print(f"{'method':40s} {'MB/s':>8s} {'wall s':>8s} {'CPU s':>8s} {'CPU s/GiB':>10s}")
     medians = {}

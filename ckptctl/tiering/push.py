@@ -131,7 +131,10 @@ class PushResult:
     pointers: list[PointerCopy] = field(default_factory=list)
     """Pointer files (``latest``...) written to the remote after the manifest of the checkpoint they name."""
     store_level: str | None = None
-    """S3: the store's checksum level detected on the first file (``storage.s3_data``: A, B or C)."""
+    """S3: the store's checksum level, probed before the first file (``storage.s3_data``: A, B or C)."""
+    body_guard: str | None = None
+    """S3: what guarded each body sent (``storage.s3_data.GUARDS``: crc64nvme, sha256 — a signed payload — or
+    md5)."""
     notes: list[str] = field(default_factory=list)
     """Said once per run (a store that rejects checksum headers, say)."""
     run_files: RunFilesPush = field(default_factory=RunFilesPush)
@@ -228,6 +231,7 @@ def push(
         result.outcomes.append(UnitOutcome(unit, "uploaded", sent, seconds, "; ".join(news)))
         emit("uploaded", unit=unit, bytes=sent, seconds=seconds, detail="; ".join(news))
     result.store_level = data_path.level if data_path is not None else None
+    result.body_guard = data_path.guard if data_path is not None else None
     tiered = {o.unit.path for o in result.outcomes if o.action in ("uploaded", "already", "would-upload")}
     # A pointer may name a checkpoint an earlier push tiered, outside this run's --steps/--min-age.
     named = (scan.unit(p.target) for p in scan.pointers)

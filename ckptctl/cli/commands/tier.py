@@ -244,6 +244,7 @@ def push(
         aborted_uploads=result.aborted_uploads,
         pointers=[p.source for p in result.pointers],
         store_level=result.store_level,
+        body_guard=result.body_guard,
         notes=list(result.notes),
         run_files=run_files.to_dict(),
     )
