@@ -229,7 +229,8 @@ def bench_scenario(
             *jobs,
         ]
         old_env = {**env, "PYTHONPATH": str(before)} if before else env
-        old = [sys.executable, "-m", "ckptctl", *cmd[1:]]
+        # -P: the working directory (this checkout) must not come before PYTHONPATH (the older tree).
+        old = [sys.executable, "-P", "-m", "ckptctl", *cmd[1:]]
         pushes = {
             "push ckptctl": lambda cmd=cmd: subprocess.run(cmd, check=True, env=env),
             "push boto3 upload_file": lambda: [
@@ -282,7 +283,7 @@ def bench_scenario(
                 "pull ckptctl before (MD5)",
                 *timed(
                     lambda pull=pull, old_env=old_env: subprocess.run(
-                        [sys.executable, "-m", "ckptctl", *pull[1:], *jobs], check=True, env=old_env
+                        [sys.executable, "-P", "-m", "ckptctl", *pull[1:], *jobs], check=True, env=old_env
                     )
                 ),
             )

@@ -48,3 +48,14 @@ def test_a_reader_that_goes_away_early_costs_no_traceback(tmp_path: Path) -> Non
     errors = process.stderr.read().decode()
     process.wait(timeout=60)
     assert "Traceback" not in errors and "Exception ignored" not in errors
+
+
+def test_a_profiled_process_ends_normally_so_the_profile_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "profile"
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "ckptctl", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and out.stat().st_size > 0
