@@ -436,7 +436,7 @@ class S3DataPath:
                     digest = digest_of(data)
                     response = self._call(
                         "put_object",
-                        client=self._client_for("signed" if guard == "sha256" else "plain"),
+                        client=self._client_for(_CLIENT_OF_GUARD[guard]),
                         Bucket=bucket,
                         Key=key,
                         Body=data,
@@ -474,7 +474,7 @@ class S3DataPath:
         resuming the upload a killed push of this same file left (see the module docstring) instead of starting over."""
         count = -(-size // part_size)
         checksums = guard == "crc64nvme"
-        client = self._client_for("signed" if guard == "sha256" else "plain")
+        client = self._client_for(_CLIENT_OF_GUARD[guard])
         with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="ckptctl-part") as pool:
             upload_id, reused = self._resumable(fd, local_path, bucket, key, size, part_size, checksums, pool)
             if upload_id is None:
@@ -803,6 +803,8 @@ def _pascal(operation: str) -> str:
 
 
 _GUARD_WORDS = {"crc64nvme": "their CRC64NVME", "sha256": "a signed payload", "md5": "Content-MD5"}
+_CLIENT_OF_GUARD = {"crc64nvme": "plain", "sha256": "signed", "md5": "plain"}
+"""The client that sends a body under each guard (a signed payload needs the signing one)."""
 
 
 def _body_check(digest: Digest, guard: str, data: bytes = b"") -> dict[str, str]:
