@@ -186,11 +186,11 @@ def main() -> None:
 def run() -> None:
     """The console script: ``main``, then the process ends without the interpreter's teardown.
 
-        Freeing every module and botocore's loaded models costs ~0.4 CPU s per process here (a fifth of a
-        ``tier status``). By then the commands' ``with`` blocks have closed every file, joined every pool and
-        released every lock; what a normal exit still does is done here in its order (non-daemon threads joined,
-        ``atexit`` handlers run, output flushed) before ``os._exit``. Tests call ``main``, which exits normally, and so
-    does a profiled or traced process."""
+    Freeing every module and botocore's loaded models costs ~0.4 CPU s per process here (a fifth of a
+    ``tier status``). By then the commands' ``with`` blocks have closed every file, joined every pool and
+    released every lock; what a normal exit still does is done here in its order (non-daemon threads joined,
+    ``atexit`` handlers run, output flushed) before ``os._exit``. Tests call ``main``, which exits normally, and
+    so does a profiled or traced process."""
     import atexit
     import contextlib
     import threading

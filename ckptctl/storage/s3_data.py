@@ -72,8 +72,6 @@ _LEVEL_NAMES = {
     "B": "ignores checksums (bodies signed or Content-MD5, verified on pull)",
     "C": "rejects checksum headers (sent as B)",
 }
-GUARDS = ("crc64nvme", "sha256", "md5")
-"""What guards a request body: its CRC64NVME (level A), a signed payload's SHA256, or a Content-MD5."""
 PROBE_REL = ".ckptctl-checksum-probe"
 PROBE_BODY = b"ckptctl checksum probe: a store that keeps this object found a corrupted body acceptable\n"
 # Error codes of a store refusing a body that does not match the digest sent with it.
@@ -234,7 +232,8 @@ class S3DataPath:
         self.endpoint = str(self.client.meta.endpoint_url)
         self.level: str | None = None
         self.guard: str | None = None
-        """What guards each body sent (``GUARDS``), learnt with the level."""
+        """What guards each body sent, learnt with the level: ``crc64nvme`` (level A), ``sha256`` (a signed
+        payload) or ``md5`` (Content-MD5)."""
         self.notes: list[str] = []
         self.sent_bytes = 0
         """Bytes of file data sent in PutObject and UploadPart requests (a retried or redone file counts again)."""
@@ -366,6 +365,7 @@ class S3DataPath:
         if self.client.meta.config.signature_version is not UNSIGNED:
             candidates.insert(0, ("sha256", "probe-signed"))
         accepted = 0
+        digest = digest_of(PROBE_BODY)
         for guard, kind in candidates:
             try:
                 self._call(
@@ -374,7 +374,7 @@ class S3DataPath:
                     Bucket=bucket,
                     Key=key,
                     Body=PROBE_BODY,
-                    **_body_check(digest_of(PROBE_BODY), guard, PROBE_BODY),
+                    **_body_check(digest, guard, PROBE_BODY),
                 )
                 accepted += 1
             except Exception as exc:

@@ -133,8 +133,7 @@ class PushResult:
     store_level: str | None = None
     """S3: the store's checksum level, probed before the first file (``storage.s3_data``: A, B or C)."""
     body_guard: str | None = None
-    """S3: what guarded each body sent (``storage.s3_data.GUARDS``: crc64nvme, sha256 — a signed payload — or
-    md5)."""
+    """S3: what guarded each body sent (``storage.s3_data``): crc64nvme, sha256 (a signed payload) or md5."""
     notes: list[str] = field(default_factory=list)
     """Said once per run (a store that rejects checksum headers, say)."""
     run_files: RunFilesPush = field(default_factory=RunFilesPush)
