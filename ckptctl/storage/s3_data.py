@@ -66,6 +66,9 @@ from ckptctl.storage.writeback import write_at
 
 MiB = 2**20
 BODY_CHUNK = 8 * MiB
+_HASHLIB_S3V4 = (
+    "ckptctl-s3v4"  # botocore's own S3 SigV4 signer, under a name of ours (``_sign_with_hashlib``)
+)
 LEVELS = ("A", "B", "C")
 _LEVEL_NAMES = {
     "A": "stores CRC64NVME",
@@ -763,9 +766,28 @@ def build_client(
     else:
         client_kwargs.update(_explicit_keys(fs))
     loader = getattr(getattr(fs, "session", None), "get_component", lambda _: None)("data_loader")
-    return _session(fs.kwargs.get("profile"), _aws_environment(), loader).create_client(
+    client = _session(fs.kwargs.get("profile"), _aws_environment(), loader).create_client(
         "s3", config=Config(**config_kwargs), **client_kwargs
     )
+    if not fs.anon:
+        _sign_with_hashlib(client)
+    return client
+
+
+def _sign_with_hashlib(client: Any) -> None:
+    """Sign ``client``'s SigV4 requests with botocore's own signer instead of awscrt's, which botocore picks
+    whenever awscrt is installed (and the CRCs need it): awscrt hashes a signed payload by pulling the body
+    through Python callbacks, 1.14 CPU s/GiB here against 0.68 for hashlib's SHA256 over the same bytes.
+    Same signature, same headers; only requests botocore would sign as ``s3v4`` change hands."""
+    from botocore import auth, handlers
+
+    auth.AUTH_TYPE_MAPS.setdefault(_HASHLIB_S3V4, auth.S3SigV4Auth)
+
+    def choose(context: dict[str, Any], signing_name: str, signature_version: str, **_: Any) -> str | None:
+        chosen = handlers.set_operation_specific_signer(context=context, signing_name=signing_name)
+        return _HASHLIB_S3V4 if (chosen or signature_version) == "s3v4" else None
+
+    client.meta.events.register_first("choose-signer.s3", choose)
 
 
 def _explicit_keys(fs: Any) -> dict[str, str]:
