@@ -34,6 +34,9 @@ DEFAULT_PART_SIZE = 16 * MiB
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
 MAX_PARTS = 10_000  # S3's maximum number of parts
 STREAM_CHUNK = 8 * MiB
+LOCAL_CHUNK = MiB
+"""A local file is read this much at a time: larger reads each map fresh memory whose pages fault in (a 1 GiB
+file hashes in 0.33 s in 8 MiB reads, 0.23 s in 1 MiB ones)."""
 MIN_RANGE = 32 * MiB
 """Ranged GETs of a pull are at least this long (AWS advises 8-16 MB and up; fewer requests cost less CPU)."""
 
@@ -76,7 +79,7 @@ def open_local(path: str) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def local_chunks(path: str, size: int = STREAM_CHUNK) -> Iterator[bytes]:
+def local_chunks(path: str, size: int = LOCAL_CHUNK) -> Iterator[bytes]:
     """A local file in chunks, read once (``open_local``)."""
     with open_local(path) as handle:
         while chunk := handle.read(size):
