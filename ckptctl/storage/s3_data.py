@@ -436,7 +436,7 @@ class S3DataPath:
             size = os.fstat(fd).st_size
             if size <= part_size:
 
-                def attempt() -> tuple[bytes, Digest, dict[str, Any]]:
+                def attempt() -> tuple[bytearray, Digest, dict[str, Any]]:
                     data = _pread_exact(fd, 0, size, local_path)
                     digest = digest_of(data)
                     response = self._call(
@@ -516,7 +516,7 @@ class S3DataPath:
                     return reused[number]
                 offset = (number - 1) * part_size
 
-                def attempt() -> tuple[bytes, Digest, dict[str, Any]]:
+                def attempt() -> tuple[bytearray, Digest, dict[str, Any]]:
                     data = _pread_exact(fd, offset, min(part_size, size - offset), local_path)
                     digest = digest_of(data)
                     response = self._call(
@@ -831,7 +831,7 @@ _CLIENT_OF_GUARD = {"crc64nvme": "plain", "sha256": "signed", "md5": "plain"}
 """The client that sends a body under each guard (a signed payload needs the signing one)."""
 
 
-def _body_check(digest: Digest, guard: str, data: bytes = b"") -> dict[str, str]:
+def _body_check(digest: Digest, guard: str, data: bytes | bytearray = b"") -> dict[str, str]:
     """The parameters that guard a request body: our CRC64NVME, its Content-MD5 (hashed here, 1.7 CPU s/GiB), or
     none for ``sha256`` (the signed client hashes the body into the signature itself)."""
     if guard == "crc64nvme":
@@ -847,8 +847,8 @@ file fails (botocore retries a BadDigest itself with the same bytes in memory; t
 
 
 def _resend_refused(
-    attempt: Callable[[], tuple[bytes, Digest, dict[str, Any]]],
-) -> tuple[bytes, Digest, dict[str, Any]]:
+    attempt: Callable[[], tuple[bytearray, Digest, dict[str, Any]]],
+) -> tuple[bytearray, Digest, dict[str, Any]]:
     """Run ``attempt`` (read, hash, send one body) again while the store refuses the body as not matching its
     digest; a part is never skipped: the last refusal is raised."""
     for _ in range(BODY_ATTEMPTS - 1):
@@ -915,11 +915,21 @@ def _mismatch(location: Location, rel: str, ours: str, theirs: str) -> ChecksumM
     )
 
 
-def _pread_exact(fd: int, offset: int, length: int, path: str) -> bytes:
-    data = os.pread(fd, length, offset)
-    while len(data) < length:  # pread may return less than asked (large reads, signals)
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
+_part_buffers = threading.local()
+
+
+def _pread_exact(fd: int, offset: int, length: int, path: str) -> bytearray:
+    """``length`` bytes of ``fd`` at ``offset``, read into this thread's buffer of that length, which the next
+    read on this thread overwrites. A fresh 16 MiB object per part mapped new pages each time: a 1 GiB push took
+    55 thousand page faults and 0.3 CPU s more than with 36 thousand now. A thread keeps its last two sizes (whole
+    parts and a file's short last one)."""
+    buffers: dict[int, bytearray] = getattr(_part_buffers, "by_length", None) or {}
+    buffer = buffers.pop(length, None) or bytearray(length)
+    _part_buffers.by_length = {**dict(list(buffers.items())[-1:]), length: buffer}
+    view, got = memoryview(buffer), 0
+    while got < length:  # pread may return less than asked (large reads, signals)
+        read = os.preadv(fd, [view[got:]], offset + got)
+        if not read:
             raise SourceChangedError(f"{path} shrank while it was being uploaded")
-        data += more
-    return data
+        got += read
+    return buffer
