@@ -8,6 +8,7 @@ In every mode but ``pass`` a body that does not match its Content-MD5 or its sig
 refused (400 BadDigest / XAmzContentSHA256Mismatch), as Ceph RGW 19 does (moto checks neither).
 Everything else is forwarded to the real moto server unchanged; ``seen`` records each request's headers.
 ``damage_parts``: that many UploadPart bodies to come get a byte changed on arrival (damage on the way).
+``on_part``: called as each UploadPart body arrives, before it is forwarded (a test's hook into mid-upload).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class _Handler(BaseHTTPRequestHandler):
                 [("Content-Type", "application/xml")],
             )
             return
+        if body and "partNumber=" in self.path and self.server.on_part is not None:
+            self.server.on_part()
         if body and "partNumber=" in self.path and self.server.damage_parts > 0:
             self.server.damage_parts -= 1
             body = bytes([body[0] ^ 0x01]) + body[1:]
@@ -122,6 +125,7 @@ def s3_stub(upstream_endpoint: str, mode: str) -> Iterator[Any]:
     server.upstream_port = int(upstream_endpoint.rsplit(":", 1)[1])
     server.seen = []
     server.damage_parts = 0
+    server.on_part = None
     server.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -19,7 +19,7 @@ from ckptctl.storage.atomic import create_new_file
 from ckptctl.storage.checksums import Hasher, digest_of
 from ckptctl.storage.location import parse_storage_options
 from ckptctl.storage.s3_data import S3DataPath, build_client
-from ckptctl.storage.transfer import MiB, digest_local_file, open_data_path
+from ckptctl.storage.transfer import MiB, digest_local_file, open_data_path, pending_uploads
 from ckptctl.tiering.manifest import LEVEL_PROBE, Manifest, ManifestFile, manifest_rel, remote_view
 from ckptctl.tiering.pull import pull, pull_run
 from ckptctl.tiering.push import PushOptions, push
@@ -323,3 +323,21 @@ def test_a_part_damaged_on_the_way_is_refused_and_sent_again_never_skipped(
         dest = tmp_path / "back"
         pull(remote, str(dest), step=100, jobs=2)
         assert tree(dest) == _unit_tree(run, "checkpoint-100")
+
+
+def test_a_file_that_shrinks_while_its_parts_are_sent_is_refused_and_nothing_is_kept(
+    moto_server: Server, tmp_path: Path
+) -> None:
+    backend = make_s3(moto_server)
+    run = make_run(tmp_path / "run", steps=(100,), size=12 * MiB, incomplete=None)
+    weights = run / "checkpoint-100" / "model.safetensors"
+    with s3_stub(moto_server.endpoint, "validate") as stub:
+        remote = _stub_remote(backend, stub)
+        stub.on_part = lambda: os.truncate(weights, 6 * MiB)  # the second 5 MiB part is now 1 MiB short
+        result = push(
+            Location.from_url(str(run)), remote, PushOptions(settle_seconds=0, part_size=5 * MiB, jobs=1)
+        )
+    assert [o.unit.path for o in result.failed] == ["checkpoint-100"]
+    assert "shrank" in (result.failed[0].detail or "")
+    assert not remote_view(remote).manifests and not remote.exists("checkpoint-100/model.safetensors")
+    assert pending_uploads(remote) == []  # the upload was aborted
